@@ -1,0 +1,218 @@
+"""`finpulse bench score`: end-to-end throughput (Kafka → model → Kafka + DuckDB) of finpulse vs a naive baseline.
+
+Both consume the same messages from the same topic (each with its own consumer group and DuckDB file), produce
+`news.scored` records and write the same rows the same way, batch by batch, and commit offsets. The only
+difference is inference: the baseline calls a Hugging Face `pipeline` once per message for each task; finpulse
+scores length-sorted, dynamically padded micro-batches with merged adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+from rich.console import Console
+
+from finpulse.config import AppConfig
+from finpulse.replay import ReplayProducer, labelled_stream, news_messages
+from finpulse.runtime import connect
+from learner.model import Classifier, Prediction, TaskModel
+from monitor.metrics import ScorerMetrics
+from storage import History, StorageConfig
+from stream.admin import delete_topics, ensure_topics
+from stream.messages import NewsItem, parse_news
+from stream.scorer import Scorer, _row, scored_value
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Throughput of one contender."""
+
+    name: str
+    messages: int
+    seconds: float
+    rows: int
+
+    @property
+    def per_s(self) -> float:
+        """Return messages handled per second."""
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+class PipelineBaseline:
+    """The naive consumer: one `pipeline` call per message and task, everything else as finpulse does it."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        bootstrap: str,
+        topic: str,
+        scored_topic: str,
+        history: History,
+        max_batch: int,
+    ) -> None:
+        from transformers import pipeline
+
+        device = classifier.device
+        self.pipes = {
+            task: pipeline(
+                "text-classification",
+                model=model.module,
+                tokenizer=classifier.tokenizer,
+                device=device,
+                truncation=True,
+                max_length=classifier.max_length,
+            )
+            for task, model in classifier.models.items()
+        }
+        self.models: dict[str, TaskModel] = {str(task): model for task, model in classifier.models.items()}
+        self.history = history
+        self.scored_topic = scored_topic
+        self.consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=f"bench-baseline-{uuid.uuid4().hex[:6]}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=max_batch,
+        )
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+
+    def _label(self, task: str, output: dict[str, Any]) -> tuple[str, float]:
+        labels = self.models[task].labels
+        raw = str(output["label"])
+        # Pipelines name classes LABEL_k unless the config carries names.
+        index = int(raw.rsplit("_", 1)[-1]) if raw.startswith("LABEL_") else labels.index(raw)
+        return labels[index], float(output["score"])
+
+    def run(self, expected: int) -> int:
+        """Consume until `expected` messages were handled; return the rows written."""
+        handled = rows_written = 0
+        while handled < expected:
+            polled = self.consumer.poll(timeout_ms=1000)
+            records = [r for batch in polled.values() for r in batch]
+            if not records:
+                continue
+            rows, futures = [], []
+            now = datetime.now(UTC)
+            for record in records:
+                item = parse_news(record.value, 1 << 20)
+                if not isinstance(item, NewsItem):
+                    continue
+                sentiment, s_conf = self._label("sentiment", self.pipes["sentiment"](item.text)[0])
+                topic, t_conf = self._label("topic", self.pipes["topic"](item.text)[0])
+                scores = {
+                    s: (s_conf if s == sentiment else (1 - s_conf) / 2) for s in ("negative", "neutral", "positive")
+                }
+                prediction = Prediction(
+                    sentiment,
+                    s_conf,
+                    scores,
+                    topic,
+                    t_conf,
+                    self.models["sentiment"].version,
+                    self.models["topic"].version,
+                )
+                futures.append(
+                    self.producer.send(
+                        self.scored_topic, key=item.id.encode(), value=scored_value(item, prediction, now)
+                    )
+                )
+                rows.append(_row(record, item, prediction, now))
+            self.producer.flush()
+            for future in futures:
+                future.get(timeout=30)
+            rows_written += len(self.history.write_batch(rows).inserted)
+            offsets = {TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.offset + 1, "", -1) for r in records}
+            self.consumer.commit(offsets)
+            handled += len(records)
+        return rows_written
+
+    def close(self) -> None:
+        """Release Kafka clients."""
+        self.producer.close(timeout=10)
+        self.consumer.close()
+
+
+def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console) -> dict[str, Any]:
+    """Run baseline and finpulse on the same messages in one process and return the comparison."""
+    run_id = uuid.uuid4().hex[:8]
+    cluster = connect(config)
+    raw, scored = f"bench.{run_id}.news.raw", f"bench.{run_id}.news.scored"
+    ensure_topics(cluster.bootstrap_servers, [raw, scored], config.kafka.partitions)
+    items = labelled_stream(messages)
+    producer = ReplayProducer(cluster.bootstrap_servers, raw, news_messages(items), rate=0)
+    producer.start()
+    producer.join()
+    if producer.error is not None:
+        raise producer.error
+
+    console.print(f"bench: {len(items)} messages on {raw}; loading the model…")
+    classifier = Classifier.from_store(config.model, config.scorer.device)
+    _warm_up(classifier, [li.item.text for li in items[:64]])
+    results: list[RunResult] = []
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    base_history = History(StorageConfig(duckdb_path=workdir / f"bench-{run_id}-baseline.duckdb"))
+    baseline = PipelineBaseline(
+        classifier, cluster.bootstrap_servers, raw, scored, base_history, config.scorer.max_batch
+    )
+    console.print("bench: naive per-message pipeline…")
+    started = time.perf_counter()
+    rows = baseline.run(len(items))
+    results.append(RunResult("baseline", len(items), time.perf_counter() - started, rows))
+    baseline.close()
+
+    fp_history = History(StorageConfig(duckdb_path=workdir / f"bench-{run_id}-finpulse.duckdb"))
+    topics = config.kafka.topics.model_copy(update={"raw": raw, "scored": scored, "dlq": f"bench.{run_id}.news.dlq"})
+    scorer_config = config.scorer.model_copy(update={"group_id": f"bench-finpulse-{run_id}"})
+    scorer = Scorer(cluster.bootstrap_servers, topics, scorer_config, classifier, fp_history, ScorerMetrics())
+    console.print("bench: finpulse scorer…")
+    started = time.perf_counter()
+    stats = scorer.run(threading.Event(), until=lambda s: s.consumed >= len(items))
+    results.append(RunResult("finpulse", stats.consumed, time.perf_counter() - started, stats.scored))
+    scorer.close()
+    delete_topics(cluster.bootstrap_servers, [raw, scored, topics.dlq])
+
+    by_name = {r.name: r for r in results}
+    base, fp = by_name["baseline"], by_name["finpulse"]
+    device = classifier.device
+    return {
+        "benchmark": "score",
+        "messages": len(items),
+        "baseline_per_s": round(base.per_s, 1),
+        "finpulse_per_s": round(fp.per_s, 1),
+        "ratio": round(fp.per_s / base.per_s, 2) if base.per_s else None,
+        "baseline_s": round(base.seconds, 2),
+        "finpulse_s": round(fp.seconds, 2),
+        "rows": {"baseline": base.rows, "finpulse": fp.rows},
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": str(next(classifier.models["sentiment"].module.parameters()).dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "max_batch": config.scorer.max_batch,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _warm_up(classifier: Classifier, texts: Sequence[str]) -> None:
+    # The first forward pass allocates and picks kernels; neither contender should pay it in the timing.
+    classifier.predict(list(texts))
+
+
+def write_result(result: dict[str, Any], path: Path) -> None:
+    """Write the result as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

