@@ -39,8 +39,16 @@ class ScorerStats:
     batches: int = 0
     commit_failures: int = 0
     busy_s: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
+    first_record_at: float | None = None  # perf_counter() when the first record arrived
+    last_batch_at: float | None = None  # perf_counter() when the last batch was committed
     by_sentiment: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def throughput_per_s(self) -> float:
+        """Return consumed messages per second, from the first record's arrival to the last commit."""
+        if self.first_record_at is None or self.last_batch_at is None or self.last_batch_at <= self.first_record_at:
+            return 0.0
+        return self.consumed / (self.last_batch_at - self.first_record_at)
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,8 @@ class Scorer:
                 records.extend(batch)
             if records and deadline is None:
                 deadline = time.monotonic() + self.config.max_wait_ms / 1000
+                if self.stats.first_record_at is None:
+                    self.stats.first_record_at = time.perf_counter()
             if not records and not polled:
                 break
         return records
@@ -246,6 +256,7 @@ class Scorer:
         s.duplicates += duplicates
         s.batches += 1
         s.busy_s += elapsed
+        s.last_batch_at = time.perf_counter()
 
     def _lags(self) -> dict[int, int]:
         lags = {}

@@ -1,0 +1,135 @@
+"""The command line: one-line errors naming what to fix, query output formats, and the demo's JSON summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from finpulse.cli import main
+from storage import History, NewsRow, StorageConfig
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["demo", "--messages", "-3"], "argument --messages: expected a whole number ≥ 1, got '-3'"),
+        (["demo", "--rate", "fast"], "argument --rate: expected a number ≥ 0, got 'fast'"),
+        (["query"], "the following arguments are required: sql"),
+        (["demo", "--set", "max_batch=3"], "argument --set: expected section.field=value, got 'max_batch=3'"),
+        (["kafka", "restart"], "argument action: invalid choice: 'restart'"),
+        (["query", "SELECT 1", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+    ],
+)
+def test_bad_arguments_get_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "--help" in err
+
+
+def test_bad_config_names_the_field(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FINPULSE_SCORER__MAX_WAIT_MS", "-1")
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scorer.max_wait_ms" in err and "FINPULSE_SCORER__MAX_WAIT_MS" in err
+
+
+def test_bad_setting_from_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--set", "scorer.max_batch=0"]) == 2
+    assert "scorer.max_batch" in capsys.readouterr().err
+
+
+def test_config_prints_the_effective_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--set", "scorer.max_batch=7", "--bootstrap-servers", "b1:9092"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["scorer"]["max_batch"] == 7 and printed["kafka"]["bootstrap_servers"] == "b1:9092"
+
+
+def _history(path: Path) -> None:
+    now = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    rows = [
+        NewsRow(
+            id=f"n{i}",
+            published_at=now,
+            source="wire",
+            text=f"text {i}",
+            tickers=("AAPL",),
+            topic="Markets",
+            topic_confidence=0.9,
+            sentiment=s,
+            sentiment_confidence=0.8,
+            sentiment_negative=0.1,
+            sentiment_neutral=0.1,
+            sentiment_positive=0.8,
+            topic_version="topic-v1",
+            sentiment_version="sentiment-v1",
+            scored_at=now,
+        )
+        for i, s in enumerate(["positive", "negative", "negative"])
+    ]
+    History(StorageConfig(duckdb_path=path)).write_batch(rows)
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_query_formats(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "h.duckdb"
+    _history(db)
+    sql = "SELECT sentiment, count(*) AS n FROM news GROUP BY 1 ORDER BY 1"
+    assert main(["query", sql, "--duckdb-path", str(db), "--format", fmt]) == 0
+    out = capsys.readouterr().out
+    if fmt == "csv":
+        assert list(csv.reader(io.StringIO(out))) == [["sentiment", "n"], ["negative", "2"], ["positive", "1"]]
+    elif fmt == "json":
+        assert json.loads(out) == [{"sentiment": "negative", "n": 2}, {"sentiment": "positive", "n": 1}]
+    else:
+        assert "negative" in out and "positive" in out and "sentiment" in out
+
+
+def test_query_refuses_writes_and_missing_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["query", "SELECT 1", "--duckdb-path", str(tmp_path / "none.duckdb")]) == 1
+    assert "no history yet" in capsys.readouterr().err
+    db = tmp_path / "h.duckdb"
+    _history(db)
+    assert main(["query", "DELETE FROM news", "--duckdb-path", str(db)]) == 1
+    assert "only read queries are allowed" in capsys.readouterr().err
+
+
+def test_kafka_status_of_a_stopped_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["kafka", "status", "--data-dir", str(tmp_path)]) == 3
+    assert "not running" in capsys.readouterr().out
+
+
+@pytest.mark.kafka
+def test_demo_json_summary(
+    kafka_bootstrap: str, adapters_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "demo",
+        "--messages",
+        "60",
+        "--json",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--duckdb-path",
+        str(tmp_path / "finpulse.duckdb"),
+        "--adapters-dir",
+        str(adapters_dir),
+        "--metrics-port",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, "--json prints exactly one line on stdout"
+    summary = json.loads(out[0])
+    assert (summary["scored"], summary["dead_lettered"], summary["duplicates"]) == (60, 9, 5)
+    assert summary["throughput_per_s"] > 0 and 0 <= summary["sentiment_accuracy"] <= 1
+    assert Path(summary["duckdb_path"]).is_file()
+    assert History(StorageConfig(duckdb_path=Path(summary["duckdb_path"]))).count() == 60
