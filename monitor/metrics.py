@@ -36,6 +36,12 @@ class ScorerMetrics:
             registry=r,
         )
         self.duplicates = Counter("finpulse_duplicates", "Messages whose id was already stored.", registry=r)
+        self.ticker_scored = Counter(
+            "finpulse_ticker_messages_scored",
+            "Messages scored that mention a watchlist ticker, by ticker and sentiment.",
+            ["ticker", "sentiment"],
+            registry=r,
+        )
         self.consumed = Counter("finpulse_messages_consumed", "Messages read from the raw topic.", registry=r)
         self.batch_seconds = Histogram(
             "finpulse_batch_seconds",

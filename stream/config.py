@@ -1,5 +1,6 @@
 """Typed configuration of Kafka I/O and the scorer service."""
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -66,6 +67,30 @@ class ScorerConfig(BaseModel):
         8192, ge=16, description="Texts longer than this (UTF-8 bytes) are dead-lettered as oversized."
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    # Per-ticker series are opt-in: one label value per ticker ever seen would grow without bound.
+    watchlist: tuple[str, ...] = Field(
+        (),
+        max_length=500,
+        description="Tickers whose sentiment gets its own metric series "
+        "(env FINPULSE_SCORER__WATCHLIST: AAPL,TSLA or a JSON list).",
+    )
+
+    @field_validator("watchlist", mode="before")
+    @classmethod
+    def _tickers(cls, value: object) -> object:
+        if isinstance(value, str):
+            # From the environment: a JSON list or a comma-separated string.
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"not a JSON list: {e.msg}") from e
+            else:
+                value = [t for t in text.split(",") if t.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(str(t).strip().upper().lstrip("$") for t in value)
+        return value
 
     @field_validator("device")
     @classmethod

@@ -236,8 +236,11 @@ class Scorer:
     ) -> None:
         m, s = self.metrics, self.stats
         now = time.time()
+        watchlist = set(self.config.watchlist)
         for item, prediction in scored:
             m.scored.labels(topic=prediction.topic, sentiment=prediction.sentiment).inc()
+            for ticker in watchlist.intersection(item.tickers):
+                m.ticker_scored.labels(ticker=ticker, sentiment=prediction.sentiment).inc()
             m.e2e_lag.observe(max(0.0, (scored_at - item.published_at).total_seconds()))
             s.by_sentiment[prediction.sentiment] = s.by_sentiment.get(prediction.sentiment, 0) + 1
         for record in records:

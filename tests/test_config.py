@@ -63,3 +63,16 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
 def test_missing_config_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("aapl, $tsla", ("AAPL", "TSLA")), ('["nvda"]', ("NVDA",)), ("", ())],
+)
+def test_watchlist_from_the_environment(raw: str, expected: tuple[str, ...]) -> None:
+    assert load_config(environ={"FINPULSE_SCORER__WATCHLIST": raw}).scorer.watchlist == expected
+
+
+def test_watchlist_bad_json_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"^config: scorer.watchlist: .*not a JSON list"):
+        load_config(environ={"FINPULSE_SCORER__WATCHLIST": "[nvda"})

@@ -91,7 +91,13 @@ def committed_equals_end(bootstrap: str, topic: str, group: str) -> bool:
 def test_real_messages_and_malformed_ones(
     kafka_bootstrap: str, topics: TopicNames, classifier: Classifier, tmp_path: Path
 ) -> None:
-    config = ScorerConfig(group_id=f"g-{uuid.uuid4().hex[:8]}", max_batch=32, max_wait_ms=100, max_text_bytes=2048)
+    config = ScorerConfig(
+        group_id=f"g-{uuid.uuid4().hex[:8]}",
+        max_batch=32,
+        max_wait_ms=100,
+        max_text_bytes=2048,
+        watchlist=("SPY", "TSLA", "AAPL"),
+    )
     items = labelled_stream(80)
     good = news_messages(items)
     bad = malformed_values(config.max_text_bytes)
@@ -137,6 +143,13 @@ def test_real_messages_and_malformed_ones(
     assert info == set(classifier.versions.items())
     assert any(s.value > 0 for s in families["finpulse_batch_seconds"].samples if s.name.endswith("_count"))
     assert "finpulse_consumer_lag" in families and "finpulse_end_to_end_lag_seconds" in families
+    per_ticker: dict[str, float] = {}
+    for sample in families["finpulse_ticker_messages_scored"].samples:
+        if sample.name.endswith("_total"):
+            per_ticker[sample.labels["ticker"]] = per_ticker.get(sample.labels["ticker"], 0) + sample.value
+    expected = {t: sum(t in li.item.tickers for li in items) for t in config.watchlist}
+    assert per_ticker == {t: n for t, n in expected.items() if n}
+    assert sum(expected.values()) > 0, "the sample stream mentions watched tickers"
 
 
 def _scorer_process(
