@@ -1,6 +1,7 @@
 """Typed configuration of the model: base encoder, adapters, inference and training settings."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +19,11 @@ class ModelConfig(BaseModel):
     adapters_dir: Path = Field(
         Path("adapters"),
         description="Directory holding <task>/<version>/ adapters in peft format (env FINPULSE_MODEL__ADAPTERS_DIR).",
+    )
+    inference_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Weights and activations at inference: auto = bfloat16 on CUDA and on CPUs with bf16 "
+        "instructions (AMX / AVX512-BF16), float32 elsewhere (env FINPULSE_MODEL__INFERENCE_DTYPE).",
     )
     # Financial tweets average ~28 tokens; 128 keeps long headlines whole and bounds the worst batch.
     max_length: int = Field(128, ge=8, le=512, description="Tokens kept per text; longer texts are truncated.")

@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,9 +45,28 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return torch.device(spec)
 
 
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """Return the weight dtype for inference: bf16 on CUDA (tensor cores), fp32 on CPU (no bf16 units on most)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def cpu_has_bf16() -> bool:
+    """Return True when the CPU has native bf16 matrix instructions (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False  # not Linux: stay with float32, which is correct everywhere
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def inference_dtype(device: torch.device, setting: str = "auto") -> torch.dtype:
+    """Return the weight dtype for inference.
+
+    bf16 halves memory traffic and uses tensor cores on CUDA and AMX units on recent Xeons; on CPUs
+    without bf16 instructions it is emulated and slower than float32.
+    """
+    if setting == "float32":
+        return torch.float32
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 class TaskModel:
@@ -74,7 +94,7 @@ class TaskModel:
             raise ModelLoadError(f"cannot load adapter {version} from {path}: {e}") from e
         merged = peft_model.merge_and_unload()
         merged.eval()
-        merged.to(device=device, dtype=inference_dtype(device))
+        merged.to(device=device, dtype=inference_dtype(device, config.inference_dtype))
         return cls(task, version, merged, device)
 
     @torch.inference_mode()

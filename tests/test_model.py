@@ -30,7 +30,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def classifier(adapters_dir: Path) -> Classifier:
-    return Classifier.from_store(ModelConfig(adapters_dir=adapters_dir), "cpu")
+    # float32 so that results can be compared with peft's own forward pass to 1e-4.
+    return Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, inference_dtype="float32"), "cpu")
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -82,6 +83,15 @@ def test_shipped_sentiment_adapter_is_accurate_on_held_out_tweets(classifier: Cl
     predicted = classifier.predict([e.text for e in valid])
     correct = sum(p.sentiment == e.label for p, e in zip(predicted, valid, strict=True))
     assert correct / len(valid) > 0.8
+
+
+def test_bf16_inference_agrees_with_float32(classifier: Classifier, adapters_dir: Path) -> None:
+    bf16 = Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, inference_dtype="bfloat16"), "cpu")
+    assert next(bf16.models["sentiment"].module.parameters()).dtype == torch.bfloat16
+    texts = [e.text for e in tfns_sentiment("valid")[::16]]
+    full, half = classifier.predict(texts), bf16.predict(texts)
+    agree = sum(a.sentiment == b.sentiment for a, b in zip(full, half, strict=True)) / len(texts)
+    assert agree > 0.97
 
 
 def test_swap_changes_the_version_of_later_batches(classifier: Classifier, tmp_path: Path, adapters_dir: Path) -> None:
