@@ -228,6 +228,11 @@ class History:
         """Return the absolute path of the DuckDB file."""
         return self._path
 
+    def session(self, *, read_only: bool) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """Open the file for one unit of work under this history's locks, for other tables in the same file."""
+        # Public so that stores of other tables (storage.alerts) share the locking instead of copying it.
+        return self._session(read_only=read_only)
+
     def ensure_schema(self) -> None:
         """Create the file and its tables, or migrate them, so that readers find them."""
         with self._session(read_only=False) as con:

@@ -57,6 +57,82 @@ def _news_ddl() -> str:
     return "CREATE TABLE news (\n" + ",\n".join(lines) + "\n)"
 
 
+# The alert tables live next to `news` so analysts can join alerts with the headlines behind them.
+# Like `news`, none has a PRIMARY KEY or UNIQUE constraint (each ART index grows the file at every
+# checkpoint); storage.alerts.AlertStore keeps ids unique inside its write transactions.
+_ALERT_TABLES_DDL: Final[tuple[str, ...]] = (
+    """CREATE TABLE subscriptions (
+    id INTEGER NOT NULL,
+    name VARCHAR NOT NULL,
+    target_url VARCHAR NOT NULL,
+    topics VARCHAR[] NOT NULL,
+    tickers VARCHAR[] NOT NULL,
+    min_severity VARCHAR NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    active BOOLEAN NOT NULL,
+    removed_at TIMESTAMPTZ
+)""",
+    # One row per webhook POST; `body` keeps the raw request only when part of it was refused.
+    """CREATE TABLE alert_notifications (
+    id VARCHAR NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL,
+    receiver VARCHAR,
+    group_key VARCHAR,
+    status VARCHAR,
+    alerts_total INTEGER NOT NULL,
+    alerts_rejected INTEGER NOT NULL,
+    error VARCHAR,
+    body VARCHAR
+)""",
+    # One row per alert per notification: a repeated notification adds rows, not deliveries.
+    """CREATE TABLE alerts (
+    id VARCHAR NOT NULL,
+    notification_id VARCHAR NOT NULL,
+    fingerprint VARCHAR,
+    status VARCHAR,
+    alertname VARCHAR,
+    severity VARCHAR,
+    topic VARCHAR,
+    ticker VARCHAR,
+    summary VARCHAR,
+    description VARCHAR,
+    evidence VARCHAR,
+    labels JSON,
+    annotations JSON,
+    starts_at TIMESTAMPTZ,
+    ends_at TIMESTAMPTZ,
+    generator_url VARCHAR,
+    received_at TIMESTAMPTZ NOT NULL,
+    error VARCHAR
+)""",
+    # The dedupe ledger: one row per (fingerprint, status, starts_at, subscription_id) ever routed.
+    # `outcome` stays NULL until the delivery is delivered or given up, so a restart resumes it.
+    """CREATE TABLE delivery_claims (
+    fingerprint VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    starts_at TIMESTAMPTZ NOT NULL,
+    subscription_id INTEGER NOT NULL,
+    alert_id VARCHAR NOT NULL,
+    claimed_at TIMESTAMPTZ NOT NULL,
+    outcome VARCHAR,
+    finished_at TIMESTAMPTZ
+)""",
+    # One row per HTTP attempt.
+    """CREATE TABLE deliveries (
+    fingerprint VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    starts_at TIMESTAMPTZ NOT NULL,
+    subscription_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    attempted_at TIMESTAMPTZ NOT NULL,
+    outcome VARCHAR NOT NULL,
+    http_status INTEGER,
+    error VARCHAR,
+    latency_ms DOUBLE NOT NULL
+)""",
+)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One forward-only schema step, applied inside the writer's transaction."""
@@ -77,6 +153,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             # Time-range scans are the analysts' common case; DuckDB's zone maps on insertion
             # order already help, so no extra ART index (each one costs on every checkpoint).
         ),
+    ),
+    Migration(
+        version=2,
+        description="alert subscriptions, received alerts and their deliveries",
+        statements=_ALERT_TABLES_DDL,
     ),
 )
 

@@ -133,3 +133,33 @@ def test_demo_json_summary(
     assert summary["throughput_per_s"] > 0 and 0 <= summary["sentiment_accuracy"] <= 1
     assert Path(summary["duckdb_path"]).is_file()
     assert History(StorageConfig(duckdb_path=Path(summary["duckdb_path"]))).count() == 60
+
+
+@pytest.mark.kafka
+def test_bench_score_reports_both_contenders(
+    kafka_bootstrap: str, adapters_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "score",
+        "--messages",
+        "24",
+        "--json",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--duckdb-path",
+        str(tmp_path / "finpulse.duckdb"),
+        "--adapters-dir",
+        str(adapters_dir),
+        "--device",
+        "cpu",
+        "--out",
+        str(out_file),
+    ]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert result == json.loads(out_file.read_text())
+    assert result["rows"] == {"baseline": 24, "finpulse": 24}
+    assert result["device"] == "cpu" and result["baseline_per_s"] > 0 and result["finpulse_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["finpulse_per_s"] / result["baseline_per_s"], rel=0.02)
