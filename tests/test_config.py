@@ -76,3 +76,8 @@ def test_watchlist_from_the_environment(raw: str, expected: tuple[str, ...]) -> 
 def test_watchlist_bad_json_names_the_field() -> None:
     with pytest.raises(ConfigError, match=r"^config: scorer.watchlist: .*not a JSON list"):
         load_config(environ={"FINPULSE_SCORER__WATCHLIST": "[nvda"})
+
+
+def test_example_config_loads_and_matches_the_defaults() -> None:
+    example = Path(__file__).resolve().parents[1] / "finpulse.example.toml"
+    assert load_config(example, environ={}) == load_config(environ={}, overrides={})
