@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finpulse.errors import ConfigError
 from learner.config import ModelConfig, TrainConfig
-from monitor.config import MetricsConfig
+from monitor.config import DispatcherConfig, MetricsConfig
 from storage.config import StorageConfig
 from stream.config import KafkaConfig, ScorerConfig
 
@@ -38,6 +38,7 @@ class AppConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
 
 
 def load_config(

@@ -193,17 +193,17 @@ class Dispatcher:
         rejected = [
             {"index": index, "reason": alert.error} for index, alert in enumerate(alerts) if alert.error is not None
         ]
-        refused = error is not None or bool(rejected)
+        summary = error
+        if summary is None and rejected:
+            summary = f"{len(rejected)} of {len(alerts)} alerts refused"
         notification = NotificationRecord(
             received_at=received_at,
             receiver=_string(envelope.get("receiver")),
             group_key=_string(envelope.get("groupKey")),
             status=_string(envelope.get("status")),
-            error=error
-            if error is not None
-            else (f"{len(rejected)} of {len(alerts)} alerts refused" if rejected else None),
+            error=summary,
             # Nothing is lost: a refused payload is kept verbatim for whoever fixes the rule or the sender.
-            body=body.decode("utf-8", errors="replace") if refused else None,
+            body=body.decode("utf-8", errors="replace") if summary is not None else None,
         )
         try:
             result = self._store.record_notification(notification, alerts, route)
@@ -422,11 +422,14 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "finpulse-dispatcher/0.1"
     protocol_version = "HTTP/1.1"  # keep-alive: Alertmanager reuses its connection
+    # Socket timeout: a client that stalls mid-body, or an idle keep-alive connection, frees its thread.
+    timeout = 30.0
 
     def do_POST(self) -> None:  # the name http.server dispatches to
         """Receive one Alertmanager notification."""
         path = urllib.parse.urlsplit(self.path).path
         if path != WEBHOOK_PATH:
+            self.close_connection = True  # the unread body would otherwise be parsed as the next request
             self._reply(404, {"error": f"no such path {path!r}; Alertmanager posts to {WEBHOOK_PATH}"})
             return
         length_header = self.headers.get("Content-Length")
@@ -439,7 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if length < 0 or length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body would otherwise be parsed as the next request
+            self.close_connection = True
             self._reply(413 if length > 0 else 400, {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}"})
             return
         body = self.rfile.read(length)

@@ -11,3 +11,7 @@ class SubscriptionError(MonitorError):
 
 class DispatchError(MonitorError):
     """The alert dispatcher could not start or serve."""
+
+
+class PrometheusError(MonitorError):
+    """The local Prometheus or Alertmanager cannot be found, started, reloaded, queried or stopped."""

@@ -185,8 +185,8 @@ def test_subscription_fields_are_normalised() -> None:
     subscription = Subscription(
         name=" desk ",
         target_url="HTTP://Hooks.example.com:8080/x?token=1",
-        topics=["fed/central banks", "Earnings", "EARNINGS"],
-        tickers=["$aapl", "brk.b", "AAPL"],
+        topics=("fed/central banks", "Earnings", "EARNINGS"),
+        tickers=("$aapl", "brk.b", "AAPL"),
         min_severity="Warning",  # type: ignore[arg-type]
     )
     assert subscription.name == "desk"
@@ -375,7 +375,7 @@ def test_bad_payloads_answer_400_and_keep_what_was_parseable(
     history = History(StorageConfig(duckdb_path=store.path))
     notes = history.query("SELECT alerts_total, alerts_rejected, error, body FROM alert_notifications ORDER BY ALL")
     assert [row[:2] for row in notes.rows] == [(0, 0), (2, 1)]
-    assert notes.rows[0][2].startswith("body is not JSON: Expecting value")
+    assert str(notes.rows[0][2]).startswith("body is not JSON: Expecting value")
     assert notes.rows[1][2] == "1 of 2 alerts refused"
     assert notes.rows[0][3] == '{"alerts": ['  # the raw body is kept for whoever fixes the sender
     assert history.query("SELECT alertname, severity, topic, error IS NULL FROM alerts ORDER BY alertname").rows == [
