@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
 
@@ -23,6 +23,9 @@ from storage.errors import StorageError
 from stream.errors import StreamError
 
 KNOWN_ERRORS = (FinpulseError, LearnerError, MonitorError, StorageError, StreamError)
+if TYPE_CHECKING:
+    from monitor.dispatcher import DeliveryEvent
+    from monitor.subscriptions import Subscription
 log = logging.getLogger("finpulse")
 
 
@@ -129,6 +132,26 @@ def build_parser() -> Parser:
     bench.add_argument(
         "--out", type=Path, default=Path("results/bench-score.json"), help="where to write the JSON result"
     )
+
+    subscribe = sub.add_parser("subscribe", parents=[common], help="add an alert subscription (a webhook + filters)")
+    subscribe.add_argument("name", help="a unique name for the subscription, e.g. fx-desk")
+    subscribe.add_argument("--url", required=True, help="http(s) webhook that receives the alerts")
+    subscribe.add_argument("--topic", action="append", default=[], help="only alerts on this topic (repeatable)")
+    subscribe.add_argument("--ticker", action="append", default=[], help="only alerts on this ticker (repeatable)")
+    subscribe.add_argument(
+        "--min-severity", choices=["info", "warning", "critical"], default="info", help="least severity delivered"
+    )
+
+    unsubscribe = sub.add_parser("unsubscribe", parents=[common], help="remove a subscription by id or name")
+    unsubscribe.add_argument("subscription", help="id or name")
+
+    subs = sub.add_parser("subscriptions", parents=[common], help="list alert subscriptions")
+    subs.add_argument("--all", action="store_true", help="include removed subscriptions")
+
+    dispatch = sub.add_parser(
+        "dispatch", parents=[common], help="run the dispatcher: Alertmanager webhook → subscribers"
+    )
+    dispatch.add_argument("--port", type=int, help="listen port (dispatcher.port); 0 = any free one")
 
     sub.add_parser("config", parents=[common], help="print the effective configuration")
     return parser
@@ -265,6 +288,85 @@ def cmd_bench(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     return 0
 
 
+def cmd_subscribe(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Validate and store a subscription."""
+    from monitor.subscriptions import add_subscription
+    from storage import AlertStore
+
+    sub = add_subscription(
+        AlertStore(config.storage),
+        name=args.name,
+        target_url=args.url,
+        topics=args.topic,
+        tickers=args.ticker,
+        min_severity=args.min_severity,
+    )
+    console.print(f"subscription {sub.id} {sub.name!r} → {sub.target_url}: {_filters(sub)}", highlight=False)
+    return 0
+
+
+def cmd_unsubscribe(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Remove a subscription."""
+    from monitor.subscriptions import remove_subscription
+    from storage import AlertStore
+
+    key: int | str = int(args.subscription) if args.subscription.isdigit() else args.subscription
+    sub = remove_subscription(AlertStore(config.storage), key)
+    console.print(f"removed subscription {sub.id} {sub.name!r}", highlight=False)
+    return 0
+
+
+def cmd_subscriptions(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """List subscriptions as a table."""
+    from rich.table import Table
+
+    from monitor.subscriptions import list_subscriptions
+    from storage import AlertStore
+
+    table = Table(title="subscriptions", title_justify="left")
+    for column in ("id", "name", "webhook", "filters", "active"):
+        table.add_column(column)
+    for sub in list_subscriptions(AlertStore(config.storage), include_inactive=args.all):
+        table.add_row(str(sub.id), sub.name, sub.target_url, _filters(sub), "yes" if sub.active else "no")
+    Console().print(table)
+    return 0
+
+
+def _filters(sub: Subscription) -> str:
+    parts = []
+    if sub.topics:
+        parts.append("topics " + ", ".join(sub.topics))
+    if sub.tickers:
+        parts.append("tickers " + ", ".join(sub.tickers))
+    parts.append(f"severity ≥ {sub.min_severity}")
+    return "; ".join(parts)
+
+
+def cmd_dispatch(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Run the dispatcher until interrupted."""
+    from monitor.dispatcher import Dispatcher
+    from storage import AlertStore
+
+    settings = config.dispatcher if args.port is None else config.dispatcher.model_copy(update={"port": args.port})
+
+    def show(event: DeliveryEvent) -> None:
+        console.print(
+            f"{event.outcome}: {event.status} {event.alertname} → {event.subscription} "
+            f"(attempt {event.attempt}, HTTP {event.http_status or '-'}, {event.latency_ms:.0f} ms)",
+            highlight=False,
+        )
+
+    dispatcher = Dispatcher(settings, AlertStore(config.storage), on_delivery=show).start()
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    console.print(f"dispatching Alertmanager notifications posted to {dispatcher.webhook_url}")
+    try:
+        stop.wait()
+    finally:
+        dispatcher.stop()
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
     """Print the effective configuration as JSON."""
     sys.stdout.write(config.model_dump_json(indent=2) + "\n")
@@ -278,6 +380,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AppConfig, Console], int]] = {
     "query": cmd_query,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "subscribe": cmd_subscribe,
+    "unsubscribe": cmd_unsubscribe,
+    "subscriptions": cmd_subscriptions,
+    "dispatch": cmd_dispatch,
     "config": cmd_config,
 }
 

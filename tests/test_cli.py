@@ -163,3 +163,38 @@ def test_bench_score_reports_both_contenders(
     assert result["rows"] == {"baseline": 24, "finpulse": 24}
     assert result["device"] == "cpu" and result["baseline_per_s"] > 0 and result["finpulse_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["finpulse_per_s"] / result["baseline_per_s"], rel=0.02)
+
+
+def test_subscription_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ["--duckdb-path", str(tmp_path / "h.duckdb")]
+    assert (
+        main(
+            [
+                "subscribe",
+                "fed-desk",
+                "--url",
+                "https://hooks.example.com/x",
+                "--topic",
+                "Fed / Central Banks",
+                "--min-severity",
+                "warning",
+                *db,
+            ]
+        )
+        == 0
+    )
+    assert "subscription 1 'fed-desk'" in capsys.readouterr().out
+    assert main(["subscribe", "typo", "--url", "https://hooks.example.com/y", "--topic", "Fed", *db]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'Fed / Central Banks'" in err
+    assert main(["subscribe", "bad-url", "--url", "ftp://hooks.example.com", *db]) == 1
+    assert "target_url" in capsys.readouterr().err
+    assert main(["subscriptions", *db]) == 0
+    listed = capsys.readouterr().out
+    assert "fed-desk" in listed and "typo" not in listed
+    assert main(["unsubscribe", "fed-desk", *db]) == 0
+    assert "removed subscription 1 'fed-desk'" in capsys.readouterr().out
+    assert main(["subscriptions", *db]) == 0
+    assert "fed-desk" not in capsys.readouterr().out
+    assert main(["unsubscribe", "fed-desk", *db]) == 1
+    assert "finpulse subscriptions" in capsys.readouterr().err
