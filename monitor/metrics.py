@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -81,6 +82,19 @@ class ScorerMetrics:
             "finpulse_last_batch_timestamp_seconds", "Unix time the last batch was committed.", registry=r
         )
         self._versions: dict[str, str] = {}
+
+    def declare(self, topics: Iterable[str], sentiments: Iterable[str], tickers: Iterable[str] = ()) -> None:
+        """Export every topic × sentiment (and ticker × sentiment) series at 0 before the first message.
+
+        `rate()` needs two samples of a series: one that first appears at 5 would hide those first 5.
+        """
+        sentiments = tuple(sentiments)
+        for topic in topics:
+            for sentiment in sentiments:
+                self.scored.labels(topic=topic, sentiment=sentiment)
+        for ticker in tickers:
+            for sentiment in sentiments:
+                self.ticker_scored.labels(ticker=ticker, sentiment=sentiment)
 
     def set_versions(self, versions: dict[str, str]) -> None:
         """Expose the serving versions, dropping the series of versions no longer served."""

@@ -67,6 +67,13 @@ class ScorerConfig(BaseModel):
         8192, ge=16, description="Texts longer than this (UTF-8 bytes) are dead-lettered as oversized."
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    inference_batch: int = Field(
+        0,
+        ge=0,
+        le=16384,
+        description="Texts per forward pass inside a consumed batch; 0 = auto: 32 on CPU (measured fastest: "
+        "less padding, cache-sized activations), 512 on CUDA (the GPU needs width to be busy).",
+    )
     # Per-ticker series are opt-in: one label value per ticker ever seen would grow without bound.
     watchlist: tuple[str, ...] = Field(
         (),

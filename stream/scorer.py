@@ -121,6 +121,9 @@ class Scorer:
         except KafkaError as e:
             raise StreamError(f"cannot connect to Kafka at {bootstrap_servers}: {e}") from e
         metrics.set_versions(classifier.versions)
+        models = classifier.models
+        metrics.declare(models["topic"].labels, models["sentiment"].labels, config.watchlist)
+        self._inference_batch = config.inference_batch or (512 if classifier.device.type == "cuda" else 32)
 
     def close(self) -> None:
         """Leave the group and flush; uncommitted records go to the next owner."""
@@ -186,7 +189,7 @@ class Scorer:
         duplicates += len(valid) - len(fresh)
 
         t_model = time.perf_counter()
-        predictions = self.classifier.predict([item.text for _, item in fresh], batch_size=self.config.max_batch)
+        predictions = self.classifier.predict([item.text for _, item in fresh], batch_size=self._inference_batch)
         self.metrics.batch_seconds.labels(stage="model").observe(time.perf_counter() - t_model)
 
         scored_at = datetime.now(UTC)

@@ -1,0 +1,149 @@
+"""The local alerting stack: Prometheus scrapes the scorer, Alertmanager posts to the dispatcher, subscribers get it.
+
+Used by the demo (with a subscriber that prints what it receives) and by the end-to-end alert test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from learner.datasets import Example, tfns_sentiment
+from monitor.config import AlertRulesConfig, DispatcherConfig, PrometheusConfig
+from monitor.dispatcher import DeliveryEvent, Dispatcher
+from monitor.prometheus import LocalAlertmanager, LocalPrometheus, find_binary
+from monitor.subscriptions import add_subscription
+from storage import AlertStore, StorageConfig
+
+log = logging.getLogger(__name__)
+
+# Real bearish tweets about oil: replayed back to back they make the Energy / Oil topic turn negative.
+_OIL = re.compile(r"\b(oil|crude|opec|brent|wti|barrels?|gasoline|drilling|refiner\w*)\b", re.IGNORECASE)
+SPIKE_TOPIC = "Energy / Oil"
+
+
+def oil_selloff(data_dir: Path | None = None) -> list[Example]:
+    """Return the bearish oil tweets of twitter-financial-news-sentiment (train and valid), in file order."""
+    tweets = tfns_sentiment("train", data_dir) + tfns_sentiment("valid", data_dir)
+    return [e for e in tweets if e.label == "negative" and _OIL.search(e.text)]
+
+
+def alerting_available() -> str | None:
+    """Return None when Prometheus and Alertmanager are installed, else how to install them."""
+    from monitor.errors import MonitorError
+
+    try:
+        find_binary("", LocalPrometheus.binary_names)
+        find_binary("", LocalAlertmanager.binary_names)
+    except MonitorError:
+        return "apt-get install prometheus prometheus-alertmanager"
+    return None
+
+
+@dataclass
+class Received:
+    """One notification a subscriber's webhook received."""
+
+    subscriber: str
+    at: float
+    body: dict[str, Any]
+
+
+@dataclass
+class Subscribers:
+    """Local webhook servers standing in for subscribers' endpoints (real HTTP, real sockets)."""
+
+    received: list[Received] = field(default_factory=list)
+    failures_left: dict[str, int] = field(default_factory=dict)
+    on_receive: Callable[[Received], None] | None = None
+    _servers: list[ThreadingHTTPServer] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def serve(self, name: str, fail_first: int = 0) -> str:
+        """Start a webhook for `name`; it answers 500 to its first `fail_first` requests. Return its URL."""
+        owner = self
+        self.failures_left[name] = fail_first
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with owner._lock:
+                    failing = owner.failures_left[name] > 0
+                    if failing:
+                        owner.failures_left[name] -= 1
+                    else:
+                        event = Received(name, time.monotonic(), json.loads(body or b"{}"))
+                        owner.received.append(event)
+                self.send_response(500 if failing else 200)
+                self.end_headers()
+                if not failing and owner.on_receive is not None:
+                    owner.on_receive(event)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Keep the demo's terminal for the demo."""
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, name=f"subscriber-{name}", daemon=True).start()
+        self._servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/hook"
+
+    def of(self, name: str, status: str | None = None) -> list[Received]:
+        """Return what `name` received, optionally only notifications of one status."""
+        with self._lock:
+            return [
+                r for r in self.received if r.subscriber == name and (status is None or r.body.get("status") == status)
+            ]
+
+    def close(self) -> None:
+        """Stop every webhook server."""
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+
+
+class AlertStack:
+    """Prometheus + Alertmanager + dispatcher on loopback ports, with the compressed-time presets."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        storage: StorageConfig,
+        *,
+        rules: AlertRulesConfig | None = None,
+        dispatcher: DispatcherConfig | None = None,
+        on_delivery: Callable[[DeliveryEvent], None] | None = None,
+    ) -> None:
+        self.rules = rules if rules is not None else AlertRulesConfig.fast()
+        prometheus_config = PrometheusConfig.fast(data_dir=data_dir)
+        self.prometheus = LocalPrometheus(prometheus_config)
+        self.alertmanager = LocalAlertmanager(prometheus_config)
+        self.store = AlertStore(storage)
+        settings = dispatcher if dispatcher is not None else DispatcherConfig(port=0, initial_backoff_s=0.5)
+        self.dispatcher = Dispatcher(settings, self.store, on_delivery=on_delivery)
+
+    def subscribe(self, name: str, url: str, topics: tuple[str, ...] = (), min_severity: str = "info") -> None:
+        """Add a subscription."""
+        add_subscription(self.store, name=name, target_url=url, topics=topics, min_severity=min_severity)
+
+    def start(self, scrape_targets: list[str]) -> AlertStack:
+        """Start the dispatcher, then Alertmanager pointing at it, then Prometheus scraping the scorers."""
+        self.dispatcher.start()
+        alertmanager_url = self.alertmanager.start(self.dispatcher.webhook_url)
+        self.prometheus.start(scrape_targets, alertmanager_url=alertmanager_url, rules=self.rules)
+        return self
+
+    def stop(self) -> None:
+        """Stop all three; safe to call twice."""
+        for stop in (self.prometheus.stop, self.alertmanager.stop, self.dispatcher.stop):
+            try:
+                stop()
+            except Exception as e:  # one failure must not leave the others running
+                log.warning("event=alert_stack_stop_failed error=%r", str(e))
