@@ -25,8 +25,9 @@ class ModelConfig(BaseModel):
         description="Weights and activations at inference: auto = bfloat16 on CUDA and on CPUs with bf16 "
         "instructions (AMX / AVX512-BF16), float32 elsewhere (env FINPULSE_MODEL__INFERENCE_DTYPE).",
     )
-    # Financial tweets average ~28 tokens; 128 keeps long headlines whole and bounds the worst batch.
-    max_length: int = Field(128, ge=8, le=512, description="Tokens kept per text; longer texts are truncated.")
+    # The adapters are trained on 64 tokens; financial tweets average 28 (TFNS) to 52 (stock-market tweets).
+    # Measured on the CPU: 64 scores ~1.3x faster than 128 on the stock-market tweets.
+    max_length: int = Field(64, ge=8, le=512, description="Tokens kept per text; longer texts are truncated.")
 
 
 class TrainConfig(BaseModel):

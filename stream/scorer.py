@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -184,36 +185,47 @@ class Scorer:
                 seen.add(parsed.id)
                 valid.append((record, parsed))
         # Already-stored ids are not scored again: a replay after a crash costs no model time.
-        stored = self.history.existing_ids([item.id for _, item in valid]) if valid else set()
+        with self._stage("dedupe"):
+            stored = self.history.existing_ids([item.id for _, item in valid]) if valid else set()
         fresh = [(record, item) for record, item in valid if item.id not in stored]
         duplicates += len(valid) - len(fresh)
 
-        t_model = time.perf_counter()
-        predictions = self.classifier.predict([item.text for _, item in fresh], batch_size=self._inference_batch)
-        self.metrics.batch_seconds.labels(stage="model").observe(time.perf_counter() - t_model)
+        with self._stage("model"):
+            predictions = self.classifier.predict([item.text for _, item in fresh], batch_size=self._inference_batch)
 
         scored_at = datetime.now(UTC)
-        futures = list(dlq_futures)
-        for (_, item), prediction in zip(fresh, predictions, strict=True):
-            value = scored_value(item, prediction, scored_at)
-            futures.append(self.producer.send(self.topics.scored, key=item.id.encode("utf-8"), value=value))
-        self.producer.flush()
-        for future in futures:
-            future.get(timeout=30)  # raises if a send failed: then nothing is committed
+        with self._stage("produce"):
+            futures = list(dlq_futures)
+            for (_, item), prediction in zip(fresh, predictions, strict=True):
+                value = scored_value(item, prediction, scored_at)
+                futures.append(self.producer.send(self.topics.scored, key=item.id.encode("utf-8"), value=value))
+            self.producer.flush()
+            for future in futures:
+                future.get(timeout=30)  # raises if a send failed: then nothing is committed
 
         rows = [
             _row(record, item, prediction, scored_at)
             for (record, item), prediction in zip(fresh, predictions, strict=True)
         ]
-        result = self.history.write_batch(rows) if rows else None
+        with self._stage("store"):
+            result = self.history.write_batch(rows) if rows else None
         # Another scorer may have stored an id between our check and our write (a rebalance); it is a duplicate.
         raced = set(result.duplicates) if result is not None else set()
         duplicates += len(raced)
         scored = [(item, p) for (_, item), p in zip(fresh, predictions, strict=True) if item.id not in raced]
 
-        self._commit(records)
+        with self._stage("commit"):
+            self._commit(records)
         self._account(records, scored, len(dlq_futures), duplicates, scored_at, started)
         return BatchOutcome(scored, len(dlq_futures), duplicates)
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.batch_seconds.labels(stage=name).observe(time.perf_counter() - started)
 
     def _commit(self, records: Sequence[Record]) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}

@@ -13,7 +13,7 @@ def test_defaults_load_without_a_file(tmp_path: Path, monkeypatch: pytest.Monkey
     config = load_config(environ={})
     assert config.kafka.topics.raw == "news.raw"
     assert config.kafka.bootstrap_servers == ""
-    assert config.scorer.max_batch == 128
+    assert config.scorer.max_batch == 512
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
