@@ -437,6 +437,10 @@ class AlertStore:
         for claim in wanted:
             if claim.key in existing:
                 continue
+            # "It is over" only means something to a subscriber who was told it began: an alert that was
+            # inhibited (a warning under its critical) or silenced while firing resolves without a message.
+            if claim.key.status == "resolved" and replace(claim.key, status="firing") not in existing:
+                continue
             existing.add(claim.key)  # one notification listing an alert twice claims it once
             new.append(claim)
         if new:

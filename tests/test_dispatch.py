@@ -406,3 +406,22 @@ def test_open_deliveries_resume_after_a_restart(store: AlertStore, subscriber: C
         (1, "failed", 503),
         (2, "delivered", 200),
     ]
+
+
+def test_resolved_is_not_sent_for_a_firing_never_notified(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    desk = subscriber()
+    add_subscription(store, name="desk", target_url=desk.url)
+    with Dispatcher(fast_config(), store) as dispatcher:
+        # The warning was inhibited under its critical while firing: Alertmanager only ever sends it resolved.
+        warning = alert("resolved", severity="warning")
+        warning["fingerprint"] = "fp-warning"
+        critical_firing, critical_resolved = alert("firing"), alert("resolved")
+        assert post(dispatcher.webhook_url, notification(critical_firing))[0] == 200
+        assert post(dispatcher.webhook_url, notification(critical_resolved, warning))[0] == 200
+        assert dispatcher.wait_idle(10)
+    assert [(r.body["status"], r.body["fingerprint"]) for r in desk.requests] == [
+        ("firing", "fp-negativesentimentspike"),
+        ("resolved", "fp-negativesentimentspike"),
+    ]
