@@ -86,10 +86,11 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
     stack.subscribe("energy-desk", subscribers.serve("energy-desk"), topics=(SPIKE_TOPIC,))
     stack.subscribe("fed-desk", subscribers.serve("fed-desk"), topics=("Fed / Central Banks",))
     stack.subscribe("flaky-desk", subscribers.serve("flaky-desk", fail_first=2), topics=(SPIKE_TOPIC,))
+    # A calm lead-in gives Prometheus a baseline, then the sell-off, then calm again until it resolves.
+    calm = news_messages(labelled_stream(300))
+    tail = ReplayProducer(kafka_bootstrap, topics.raw, calm[150:], rate=3)
     try:
         stack.start([f"127.0.0.1:{server.port}"])
-        # A calm lead-in gives Prometheus a baseline, then the sell-off, then calm again until it resolves.
-        calm = news_messages(labelled_stream(300))
         ReplayProducer(kafka_bootstrap, topics.raw, calm[:150], rate=15).run()
         spike = [
             (f"spike-{n}".encode(), news_value(NewsItem(f"spike-{n}", text, datetime.now(UTC), "wire", ())))
@@ -97,7 +98,6 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
         ]
         spike_started = time.monotonic()
         ReplayProducer(kafka_bootstrap, topics.raw, spike, rate=8).run()
-        tail = ReplayProducer(kafka_bootstrap, topics.raw, calm[150:], rate=3)
         tail.start()
 
         fired = _wait(lambda: subscribers.of("energy-desk", "firing"), 60 + 5, "the firing notification")
@@ -109,6 +109,7 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
         _wait(lambda: subscribers.of("energy-desk", "resolved"), 150, "the resolved notification")
         time.sleep(3)  # a duplicate would arrive here
     finally:
+        tail.stop()
         stop.set()
         stack.stop()
         scoring.join(timeout=30)
