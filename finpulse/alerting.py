@@ -128,6 +128,7 @@ class AlertStack:
         self.store = AlertStore(storage)
         settings = dispatcher if dispatcher is not None else DispatcherConfig(port=0, initial_backoff_s=0.5)
         self.dispatcher = Dispatcher(settings, self.store, on_delivery=on_delivery)
+        self._targets: list[str] = []
 
     def subscribe(self, name: str, url: str, topics: tuple[str, ...] = (), min_severity: str = "info") -> None:
         """Add a subscription."""
@@ -135,10 +136,25 @@ class AlertStack:
 
     def start(self, scrape_targets: list[str]) -> AlertStack:
         """Start the dispatcher, then Alertmanager pointing at it, then Prometheus scraping the scorers."""
+        self._targets = list(scrape_targets)
         self.dispatcher.start()
         alertmanager_url = self.alertmanager.start(self.dispatcher.webhook_url)
         self.prometheus.start(scrape_targets, alertmanager_url=alertmanager_url, rules=self.rules)
         return self
+
+    def wait_scraped(self, timeout_s: float = 30.0) -> bool:
+        """Wait until Prometheus has scraped a scorer; return False on timeout.
+
+        `rate()` needs a sample from before a burst: a burst scored before the first scrape is invisible.
+        """
+        deadline = time.monotonic() + timeout_s
+        # Per instance: an earlier run's series of the same job stay visible for Prometheus' 5-minute lookback.
+        selectors = [f'up{{job="{self.rules.job}", instance="{target}"}} == 1' for target in self._targets]
+        while time.monotonic() < deadline:
+            if all(self.prometheus.query(selector) for selector in selectors):
+                return True
+            time.sleep(0.5)
+        return False
 
     def stop(self) -> None:
         """Stop all three; safe to call twice."""

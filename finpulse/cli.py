@@ -124,6 +124,7 @@ def build_parser() -> Parser:
         "--rate", type=non_negative_float, default=0.0, help="messages per second, 0 = as fast as possible"
     )
     demo.add_argument("--json", action="store_true", help="print only the summary, as one JSON line")
+    demo.add_argument("--no-alerts", action="store_true", help="skip Prometheus, Alertmanager and the sell-off alert")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks (baseline and finpulse side by side)")
     bench.add_argument("which", choices=["score"])
@@ -266,7 +267,7 @@ def cmd_demo(args: argparse.Namespace, config: AppConfig, console: Console) -> i
     """Run the demo and print its summary."""
     from finpulse.demo import print_summary, run_demo, summary_json
 
-    summary = run_demo(config, args.messages, args.rate, console, quiet=args.json)
+    summary = run_demo(config, args.messages, args.rate, console, quiet=args.json, alerts=not args.no_alerts)
     if args.json:
         sys.stdout.write(summary_json(summary) + "\n")
     else:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +16,25 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from finpulse.alerting import SPIKE_TOPIC, AlertStack, Received, Subscribers, alerting_available, oil_selloff
 from finpulse.config import AppConfig
-from finpulse.replay import ReplayProducer, labelled_stream, malformed_values, news_messages
+from finpulse.replay import LabelledItem, ReplayProducer, labelled_stream, malformed_values, news_messages
 from finpulse.runtime import Cluster, build_scorer, connect
 from learner.labels import SENTIMENTS
 from learner.metrics import accuracy, macro_f1
+from monitor.metrics import MetricsServer
 from storage import History
 from stream.admin import delete_topics, ensure_topics
 from stream.config import TopicNames
+from stream.messages import NewsItem
 from stream.scorer import ScorerStats
 
 # How many already-sent messages the demo sends again, to show that duplicates become no new rows.
 DUPLICATES = 5
+ENERGY_DESK = "energy-desk"
+FED_DESK = "fed-desk"
+# The fast alert preset fires ~15-30 s after a spike and resolves ~30-45 s after it ends.
+ALERT_WAIT_S = 90.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class DemoSummary:
     metrics_url: str | None
     sample_query: str
     bootstrap_servers: str
+    alerts: dict[str, Any] | None
 
 
 def demo_topics(run_id: str) -> TopicNames:
@@ -60,8 +70,11 @@ def demo_topics(run_id: str) -> TopicNames:
     )
 
 
-def run_demo(config: AppConfig, messages: int, rate: float, console: Console, quiet: bool = False) -> DemoSummary:
-    """Start what is needed, replay `messages` labelled items (+ bad input and duplicates), score, summarise."""
+def run_demo(
+    config: AppConfig, messages: int, rate: float, console: Console, quiet: bool = False, alerts: bool = True
+) -> DemoSummary:
+    """Start what is needed, replay `messages` labelled items (+ bad input, duplicates and an oil sell-off), score,
+    show the spike alert reaching a subscriber, and summarise."""
     run_id = uuid.uuid4().hex[:8]
     db_path = demo_db_path(config)
     for stale in (db_path, db_path.with_name(db_path.name + ".wal")):
@@ -72,19 +85,20 @@ def run_demo(config: AppConfig, messages: int, rate: float, console: Console, qu
             "storage": config.storage.model_copy(update={"duckdb_path": db_path}),
             "kafka": config.kafka.model_copy(update={"topics": topics}),
             "scorer": config.scorer.model_copy(update={"group_id": f"demo-{run_id}"}),
+            # Any free port: a second demo, or a scorer already on 9464, must not stop this one.
+            "metrics": config.metrics.model_copy(update={"port": 0}),
         }
     )
-    console.print(
-        f"[bold]finpulse demo[/] run {run_id}: {messages} messages at "
-        f"{'full speed' if rate == 0 else f'{rate:g}/s'}"
-    )
+    pace = "full speed" if rate == 0 else f"{rate:g}/s"
+    console.print(f"[bold]finpulse demo[/] run {run_id}: {messages} messages at {pace}")
     cluster: Cluster = connect(config)
     console.print(f"Kafka: {cluster.bootstrap_servers} ({'local broker' if cluster.local else 'configured cluster'})")
     t = topics
     ensure_topics(cluster.bootstrap_servers, [t.raw, t.scored, t.dlq, t.labels, t.updates], config.kafka.partitions)
 
     items = labelled_stream(messages)
-    labels = {li.item.id: li.sentiment for li in items if li.sentiment is not None}
+    spike = _selloff(items[-1].item.published_at if items else datetime.now(UTC))
+    labels = {li.item.id: li.sentiment for li in items + spike if li.sentiment is not None}
     originals = news_messages(items)
     stream = list(originals)
     # A key on every bad message: a tombstone (no value) needs one to be produced at all.
@@ -93,48 +107,61 @@ def run_demo(config: AppConfig, messages: int, rate: float, console: Console, qu
     for n, message in enumerate(bad):
         stream.insert((n + 1) * len(stream) // (len(bad) + 1), message)
     stream.extend(originals[i * len(originals) // DUPLICATES] for i in range(min(DUPLICATES, len(originals))))
-    expected = len(stream)
+    expected = len(stream) + len(spike)
 
     console.print("Loading the model…")
     scorer, server = build_scorer(config, cluster)
     if server is not None:
         console.print(f"Metrics: {server.url}")
-    producer = ReplayProducer(cluster.bootstrap_servers, t.raw, stream, rate)
+    stack, subscribers = _start_alerting(config, server, console) if alerts else (None, None)
+    replay = _Replay(cluster.bootstrap_servers, t.raw, stream, news_messages(spike), rate)
     started = time.perf_counter()
-    producer.start()
+    replay.start()
     stop = threading.Event()
+    scoring: threading.Thread | None = None
+    alert: AlertOutcome | None = None
 
     def done(stats: ScorerStats) -> bool:
-        if producer.error is not None:
-            raise producer.error
+        if replay.error is not None:
+            raise replay.error
         return stats.consumed >= expected
 
     try:
         with Live(
-            _progress(scorer.stats, producer.sent, expected),
-            console=console,
-            refresh_per_second=4,
-            transient=quiet,
+            _progress(scorer.stats, replay.sent, expected), console=console, refresh_per_second=4, transient=quiet
         ) as live:
+            finished = threading.Event()
 
             def refresh() -> None:
-                while not stop.wait(0.25):
-                    live.update(_progress(scorer.stats, producer.sent, expected))
+                while not finished.wait(0.25):
+                    live.update(_progress(scorer.stats, replay.sent, expected))
 
             painter = threading.Thread(target=refresh, daemon=True)
             painter.start()
             stats = scorer.run(stop, until=done)
-            stop.set()
+            finished.set()
             painter.join()
-            live.update(_progress(stats, producer.sent, expected))
+            live.update(_progress(stats, replay.sent, expected))
         console.print()
+        elapsed = time.perf_counter() - started
+        if stack is not None and subscribers is not None:
+            # Keep scoring (and serving /metrics) while Prometheus evaluates: a scorer that vanished would
+            # turn the spike into a ScorerDown.
+            scoring = threading.Thread(target=scorer.run, args=(stop,), name="demo-scorer", daemon=True)
+            scoring.start()
+            alert = _await_alert(subscribers, replay, console)
     finally:
         stop.set()
+        if scoring is not None:
+            scoring.join(timeout=30)
+        if stack is not None:
+            stack.stop()
+        if subscribers is not None:
+            subscribers.close()
         scorer.close()
         if server is not None:
             server.close()
-    elapsed = time.perf_counter() - started
-    producer.join(timeout=10)
+        replay.join(timeout=10)
 
     history = History(config.storage)
     predicted: dict[str, str] = {str(i): str(s) for i, s in history.query("SELECT id, sentiment FROM news").rows}
@@ -147,7 +174,7 @@ def run_demo(config: AppConfig, messages: int, rate: float, console: Console, qu
         "FROM news GROUP BY 1 ORDER BY 2 DESC"
     )
     return DemoSummary(
-        messages=messages,
+        messages=len(items) + len(spike),
         scored=stats.scored,
         dead_lettered=stats.dead_lettered,
         duplicates=stats.duplicates,
@@ -161,6 +188,124 @@ def run_demo(config: AppConfig, messages: int, rate: float, console: Console, qu
         metrics_url=server.url if server is not None else None,
         sample_query=sample,
         bootstrap_servers=cluster.bootstrap_servers,
+        alerts=asdict(alert) if alert is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class AlertOutcome:
+    """What the demo's subscribers saw of the sell-off."""
+
+    topic: str
+    subscriber: str
+    fired_after_s: float | None  # from the first sell-off message to the subscriber's webhook
+    resolved_after_s: float | None
+    summary: str | None
+    other_subscriber_notifications: int
+
+
+class _Replay(threading.Thread):
+    """Produce the labelled stream, then the sell-off, remembering when the sell-off began."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        stream: list[tuple[bytes | None, bytes | None]],
+        spike: list[tuple[bytes | None, bytes | None]],
+        rate: float,
+    ) -> None:
+        super().__init__(name="demo-replay", daemon=True)
+        self.parts = [ReplayProducer(bootstrap, topic, stream, rate), ReplayProducer(bootstrap, topic, spike, rate)]
+        self.spike_started: float | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def sent(self) -> int:
+        """Return how many messages were sent so far."""
+        return sum(p.sent for p in self.parts)
+
+    def run(self) -> None:
+        """Send both parts in order."""
+        for n, part in enumerate(self.parts):
+            if n == 1:
+                self.spike_started = time.monotonic()
+            part.run()
+            if part.error is not None:
+                self.error = part.error
+                return
+
+
+def _selloff(after: datetime) -> list[LabelledItem]:
+    """Return the oil sell-off: real bearish oil tweets, ten seconds apart after `after`."""
+    return [
+        LabelledItem(
+            NewsItem(f"selloff-{n}", e.text, after + timedelta(seconds=10 * (n + 1)), "twitter-financial-news", ()),
+            e.label,
+        )
+        for n, e in enumerate(oil_selloff())
+    ]
+
+
+def _start_alerting(
+    config: AppConfig, server: MetricsServer | None, console: Console
+) -> tuple[AlertStack | None, Subscribers | None]:
+    missing = alerting_available()
+    if missing is not None or server is None:
+        console.print(f"Alerts: off — Prometheus and Alertmanager are not installed ({missing}); going on without")
+        return None, None
+
+    def show(received: Received) -> None:
+        body = received.body
+        console.print(
+            f"[bold red]▶ {received.subscriber} received[/] {body.get('status', '?').upper()}: "
+            f"{body.get('annotations', {}).get('summary', body.get('text', ''))}",
+            highlight=False,
+        )
+
+    subscribers = Subscribers(on_receive=show)
+    data_dir = config.storage.duckdb_path.parent / "demo-prometheus"
+    # A fresh TSDB each run: the last demo's counters would otherwise overlap this one's in the rate windows.
+    shutil.rmtree(data_dir / "tsdb", ignore_errors=True)
+    stack = AlertStack(data_dir, config.storage)
+    stack.subscribe(ENERGY_DESK, subscribers.serve(ENERGY_DESK), topics=(SPIKE_TOPIC,))
+    stack.subscribe(FED_DESK, subscribers.serve(FED_DESK), topics=("Fed / Central Banks",))
+    stack.start([f"{server.host}:{server.port}"])
+    if not stack.wait_scraped():
+        console.print("Alerts: Prometheus did not scrape the scorer within 30 s; the alert may not fire")
+    console.print(
+        f"Alerts: Prometheus {stack.prometheus.url}, Alertmanager {stack.alertmanager.url}, "
+        f"dispatcher {stack.dispatcher.webhook_url}; subscribers {ENERGY_DESK} ({SPIKE_TOPIC}), {FED_DESK}"
+    )
+    return stack, subscribers
+
+
+def _await_alert(subscribers: Subscribers, replay: _Replay, console: Console) -> AlertOutcome:
+    """Wait for the sell-off's alert to reach its subscriber, then for the all-clear."""
+    deadline = time.monotonic() + ALERT_WAIT_S
+    fired = resolved = None
+    with console.status(f"waiting for the {SPIKE_TOPIC} alert to reach {ENERGY_DESK}…"):
+        while time.monotonic() < deadline and fired is None:
+            got = subscribers.of(ENERGY_DESK, "firing")
+            fired = got[0] if got else None
+            time.sleep(0.2)
+    if fired is not None:
+        deadline = time.monotonic() + ALERT_WAIT_S
+        with console.status("waiting for the all-clear (the alert resolves once the sell-off leaves the window)…"):
+            while time.monotonic() < deadline and resolved is None:
+                got = subscribers.of(ENERGY_DESK, "resolved")
+                resolved = got[0] if got else None
+                time.sleep(0.2)
+    else:
+        console.print(f"No alert reached {ENERGY_DESK} within {ALERT_WAIT_S:.0f} s")
+    began = replay.spike_started
+    return AlertOutcome(
+        topic=SPIKE_TOPIC,
+        subscriber=ENERGY_DESK,
+        fired_after_s=round(fired.at - began, 1) if fired is not None and began is not None else None,
+        resolved_after_s=round(resolved.at - began, 1) if resolved is not None and began is not None else None,
+        summary=(fired.body.get("annotations") or {}).get("summary") if fired is not None else None,
+        other_subscriber_notifications=len(subscribers.of(FED_DESK)),
     )
 
 
@@ -208,6 +353,7 @@ def print_summary(summary: DemoSummary, console: Console) -> None:
         ("DuckDB", summary.duckdb_path),
         ("Kafka", summary.bootstrap_servers),
     ]
+    rows.append(("alert", _alert_line(summary.alerts)))
     for what, value in rows:
         table.add_row(what, str(value))
     console.print(table)
@@ -216,6 +362,22 @@ def print_summary(summary: DemoSummary, console: Console) -> None:
         f'  finpulse query --duckdb-path {summary.duckdb_path} "{summary.sample_query}"',
         soft_wrap=True,
         highlight=False,
+    )
+
+
+def _alert_line(alerts: dict[str, Any] | None) -> str:
+    if alerts is None:
+        return "off (Prometheus and Alertmanager not installed, or --no-alerts)"
+    if alerts["fired_after_s"] is None:
+        return f"no {alerts['topic']} alert reached {alerts['subscriber']} in {ALERT_WAIT_S:.0f} s"
+    resolved = (
+        f"resolved after {alerts['resolved_after_s']} s"
+        if alerts["resolved_after_s"] is not None
+        else "not resolved yet"
+    )
+    return (
+        f"{alerts['topic']} sell-off → {alerts['subscriber']} {alerts['fired_after_s']} s after it began, {resolved}; "
+        f"other subscribers notified: {alerts['other_subscriber_notifications']}"
     )
 
 

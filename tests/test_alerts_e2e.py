@@ -91,6 +91,7 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
     tail = ReplayProducer(kafka_bootstrap, topics.raw, calm[150:], rate=3)
     try:
         stack.start([f"127.0.0.1:{server.port}"])
+        assert stack.wait_scraped(), "Prometheus never scraped the scorer"
         ReplayProducer(kafka_bootstrap, topics.raw, calm[:150], rate=15).run()
         spike = [
             (f"spike-{n}".encode(), news_value(NewsItem(f"spike-{n}", text, datetime.now(UTC), "wire", ())))

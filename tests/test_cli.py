@@ -124,15 +124,19 @@ def test_demo_json_summary(
         "0",
         "--device",
         "cpu",
+        "--no-alerts",
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1, "--json prints exactly one line on stdout"
     summary = json.loads(out[0])
-    assert (summary["scored"], summary["dead_lettered"], summary["duplicates"]) == (60, 9, 5)
+    selloff = summary["messages"] - 60  # the oil sell-off segment follows the 60 labelled messages
+    assert selloff > 100
+    assert (summary["scored"], summary["dead_lettered"], summary["duplicates"]) == (60 + selloff, 9, 5)
+    assert summary["alerts"] is None
     assert summary["throughput_per_s"] > 0 and 0 <= summary["sentiment_accuracy"] <= 1
     assert Path(summary["duckdb_path"]).is_file()
-    assert History(StorageConfig(duckdb_path=Path(summary["duckdb_path"]))).count() == 60
+    assert History(StorageConfig(duckdb_path=Path(summary["duckdb_path"]))).count() == 60 + selloff
 
 
 @pytest.mark.kafka
@@ -198,3 +202,36 @@ def test_subscription_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "fed-desk" not in capsys.readouterr().out
     assert main(["unsubscribe", "fed-desk", *db]) == 1
     assert "finpulse subscriptions" in capsys.readouterr().err
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_demo_shows_the_selloff_alert_reaching_its_subscriber(
+    kafka_bootstrap: str, adapters_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finpulse.alerting import alerting_available
+
+    if alerting_available() is not None:
+        pytest.skip("Prometheus and Alertmanager are not installed")
+    argv = [
+        "demo",
+        "--messages",
+        "100",
+        "--json",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--duckdb-path",
+        str(tmp_path / "finpulse.duckdb"),
+        "--adapters-dir",
+        str(adapters_dir),
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    alerts = json.loads(captured.out.strip())["alerts"]
+    assert alerts["topic"] == "Energy / Oil" and alerts["subscriber"] == "energy-desk"
+    assert 0 < alerts["fired_after_s"] <= 60
+    assert alerts["resolved_after_s"] is not None and alerts["resolved_after_s"] > alerts["fired_after_s"]
+    assert alerts["other_subscriber_notifications"] == 0
+    assert "energy-desk received FIRING" in captured.err
