@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 JARS   := kafka-dist/lib/.resolved
 
-.PHONY: demo test lint typecheck unit venv kafka-jars bootstrap bench clean
+.PHONY: demo test lint typecheck unit venv kafka-jars system-deps bootstrap bench clean
 
-demo: venv kafka-jars            ## replay a real labelled stream through Kafka, the model and DuckDB
+demo: system-deps venv kafka-jars   ## replay a real labelled stream through Kafka, the model, DuckDB and the alerts
 	$(BIN)/finpulse demo
 
-test: venv kafka-jars lint typecheck unit   ## lint, type-check and run the whole test suite
+test: system-deps venv kafka-jars lint typecheck unit   ## lint, type-check and run the whole test suite
 
 lint: venv
 	$(BIN)/ruff check .
@@ -27,6 +27,9 @@ bootstrap: venv                  ## retrain the shipped adapters (about 25 min o
 
 bench: venv kafka-jars           ## scorer throughput: finpulse vs a naive per-message pipeline
 	$(BIN)/finpulse bench score
+
+system-deps:                     ## Java, Maven, Prometheus and Alertmanager from Debian, when missing
+	scripts/system-deps.sh
 
 venv: $(STAMP)
 
