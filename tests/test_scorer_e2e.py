@@ -223,7 +223,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 @pytest.mark.slow
-def test_two_scorers_share_partitions_and_a_killed_one_loses_nothing(
+def test_scorers_share_partitions_and_a_killed_one_loses_nothing(
     kafka_bootstrap: str,
     topics: TopicNames,
     tmp_path: Path,
@@ -251,6 +251,8 @@ def test_two_scorers_share_partitions_and_a_killed_one_loses_nothing(
     _wait(some_written, 240, "the scorers to write rows")
     first.send_signal(signal.SIGKILL)  # mid-stream, mid-batch if it is in one
     first.wait(timeout=10)
+    # A replacement joins while the survivor carries on: the three share what is left of the stream.
+    processes.append(_scorer_process(kafka_bootstrap, topics, group, db, tmp_path / "c.log", adapters_dir))
     _wait(lambda: seen.append(history.count()) or seen[-1] >= len(items), 240, "the survivor to finish")
     time.sleep(2)  # a late duplicate write would show up here
     producer.join(timeout=30)
