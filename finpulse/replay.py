@@ -106,12 +106,12 @@ class ReplayProducer(threading.Thread):
         self.rate = rate
         self.sent = 0
         self.error: BaseException | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not `_stop`: threading.Thread has a method of that name
         self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=10)
 
     def stop(self, timeout_s: float = 10) -> None:
         """Stop sending (what was sent is flushed) and wait for the thread."""
-        self._stop.set()
+        self._halt.set()
         if self.is_alive():
             self.join(timeout_s)
 
@@ -119,7 +119,7 @@ class ReplayProducer(threading.Thread):
         """Send everything, then flush."""
         try:
             for n in paced(len(self.messages), self.rate):
-                if self._stop.is_set():
+                if self._halt.is_set():
                     break
                 key, value = self.messages[n]
                 self._producer.send(self.topic, key=key, value=value)
