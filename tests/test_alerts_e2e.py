@@ -110,9 +110,9 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
         _wait(lambda: subscribers.of("energy-desk", "resolved"), 150, "the resolved notification")
         time.sleep(3)  # a duplicate would arrive here
     finally:
+        stack.stop()  # first: external processes must not outlive a failed test
         tail.stop()
         stop.set()
-        stack.stop()
         scoring.join(timeout=30)
         scorer.close()
         server.close()
