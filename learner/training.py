@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -183,9 +184,20 @@ def train_adapter(
     metrics = evaluate(model, tokenizer, valid, task, train_config.max_length)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    # peft records where the base came from; a site-packages path of this machine means nothing elsewhere.
-    model.peft_config["default"].base_model_name_or_path = model_config.base_model or PACKAGED_BASE_ID
     model.save_pretrained(str(out_dir))
+    # peft records where the base came from; a site-packages path of this machine means nothing elsewhere.
+    # Rewritten after saving: set before, peft would look the name up (offline: a warning) to check the vocabulary.
+    adapter_config = out_dir / "adapter_config.json"
+    recorded = json.loads(adapter_config.read_text(encoding="utf-8"))
+    recorded["base_model_name_or_path"] = model_config.base_model or PACKAGED_BASE_ID
+    adapter_config.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    readme = out_dir / "README.md"  # peft's generated card repeats it in its front matter
+    if readme.is_file():
+        lines = readme.read_text(encoding="utf-8").splitlines()
+        lines = [
+            f"base_model: {recorded['base_model_name_or_path']}" if ln.startswith("base_model:") else ln for ln in lines
+        ]
+        readme.write_text("\n".join(lines) + "\n", encoding="utf-8")
     card = ModelCard(
         version=version,
         task=task,

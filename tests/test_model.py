@@ -166,3 +166,4 @@ def test_adapter_config_names_the_base_model_not_a_local_path(tmp_path: Path) ->
     )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in (out / "README.md").read_text().splitlines()
