@@ -25,6 +25,7 @@ COPY stream/ stream/
 COPY learner/ learner/
 COPY monitor/ monitor/
 COPY storage/ storage/
+COPY daemon/ daemon/
 RUN python -m pip install --no-deps -e . \
  && finpulse --help >/dev/null
 

@@ -15,32 +15,29 @@ started them; a later `start` finds them running, rewrites their configs and rel
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from daemon import process
 from monitor.config import AlertRulesConfig, PrometheusConfig, duration_seconds
 from monitor.errors import PrometheusError
 from monitor.rules import render_rules
 
-HOST = "127.0.0.1"
+HOST = process.HOST
 INSTALL_HINT = "apt-get install prometheus prometheus-alertmanager"
-_KILL_WAIT_S = 10.0
 _POLL_S = 0.1
 _HTTP_TIMEOUT_S = 5.0
 # Prometheus' guidance: a rate() window should span at least four scrapes, or a missed scrape empties it.
@@ -183,7 +180,7 @@ class _LocalServer:
                 self._wait_ready(url, self._proc.pid, timeout)
             except PrometheusError:
                 # A server that never came up must not linger holding the port and the data dir.
-                self._terminate(self._proc.pid, _KILL_WAIT_S)
+                self._terminate(self._proc.pid, process.KILL_WAIT_S)
                 state = self._read_state()
                 state["pid"] = None
                 self._write_state(state)
@@ -221,30 +218,20 @@ class _LocalServer:
         if port is not None:
             if not 0 < port < 65536:
                 raise PrometheusError(f"port must be in 1..65535, got {port}")
-            if not _port_free(port):
+            if not process.port_free(port):
                 raise PrometheusError(f"port {port} on {HOST} is in use: pass another port or free it")
             return port
         remembered = state.get("port")
         # Reusing the last port keeps URLs handed to other processes (scrape targets, webhooks) valid.
-        return remembered if isinstance(remembered, int) and _port_free(remembered) else _free_port()
+        return remembered if isinstance(remembered, int) and process.port_free(remembered) else process.free_port()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold an exclusive lock on this server's state so concurrent starts and stops cannot interleave."""
-        with (self.data_dir / f"{self.name}.lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return process.locked(self.data_dir / f"{self.name}.lock")
 
     def _read_state(self) -> dict[str, Any]:
         """Return the saved state, or {} when there is none or it is unreadable."""
-        try:
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return process.read_state(self.state_file)
 
     def _write_state(self, state: dict[str, Any]) -> None:
         """Save the state atomically, so a reader never sees half a file."""
@@ -256,52 +243,20 @@ class _LocalServer:
         if not isinstance(pid, int) or pid <= 0 or not self._alive(pid):
             return None
         # The pid may have been recycled by an unrelated process since the server died.
-        with contextlib.suppress(OSError):
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if f"--config.file={self.config_file}".encode() not in args:
-                return None
+        if not process.cmdline_mentions(pid, f"--config.file={self.config_file}".encode()):
+            return None
         return pid
 
     def _alive(self, pid: int) -> bool:
-        """Return True while `pid` runs; reap it first if it is our own exited child."""
-        if self._proc is not None and self._proc.pid == pid:
-            return self._proc.poll() is None
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # exists, owned by someone else
-        # A zombie still accepts signal 0; /proc tells it apart.
-        with contextlib.suppress(OSError, IndexError):
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        return True
+        """Return True while `pid` runs."""
+        return process.alive(pid, self._proc)
 
     def _terminate(self, pid: int, timeout_s: float) -> None:
         """Send SIGTERM, wait up to `timeout_s`, then SIGKILL; raise if it still runs."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)  # both flush and close their data cleanly on TERM
-        if self._wait_dead(pid, timeout_s):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not self._wait_dead(pid, _KILL_WAIT_S):
+        if not process.terminate(pid, timeout_s, self._proc):
             raise PrometheusError(
                 f"{self.name} pid {pid} survived SIGKILL; kill it by hand and remove {self.state_file}"
             )
-
-    def _wait_dead(self, pid: int, timeout_s: float) -> bool:
-        """Return True once `pid` has exited, False if it still runs after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while self._alive(pid):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(_POLL_S)
-        return True
 
     def _get_json(self, path: str, query: Mapping[str, str] | None = None) -> Any:
         """GET `path` of the running server and return the decoded JSON body."""
@@ -504,10 +459,7 @@ def _yaml_with_header(document: Mapping[str, Any]) -> str:
 def _write_atomically(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file, so a server reloading it never reads half a file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        process.write_atomically(path, text)
     except OSError as e:
         raise PrometheusError(f"cannot write {path}: {e.strerror or e}") from e
 
@@ -524,34 +476,6 @@ def _http(method: str, url: str, timeout_s: float = _HTTP_TIMEOUT_S) -> tuple[in
         return 0, b""
 
 
-def _free_port() -> int:
-    """Return a loopback port that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    """Return True when `port` can be bound on loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Go servers set SO_REUSEADDR too: a TIME_WAIT left by the last run must not count as in use.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _last_error_line(path: Path, max_bytes: int = 64 * 1024) -> str:
-    """Return the last error line (Go logfmt `level=error`) in the tail of `path`, trimmed to 300 characters."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(path.stat().st_size - max_bytes, 0))
-            tail = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    for line in reversed(tail.splitlines()):
-        if "level=error" in line or "level=fatal" in line:
-            return line.strip()[:300]
-    return ""
+def _last_error_line(path: Path) -> str:
+    """Return the last error line (Go logfmt `level=error`) in the tail of a server's log."""
+    return process.last_matching_line(path, lambda line: "level=error" in line or "level=fatal" in line)

@@ -12,28 +12,24 @@ process that started it, and everything it needs lives in one data dir:
 
 import base64
 import contextlib
-import fcntl
-import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon import process
 from stream.admin import broker_answers
 from stream.errors import BrokerError
 
 KAFKA_DIR = Path(__file__).resolve().parents[1] / "kafka-dist"
 POM = KAFKA_DIR / "pom.xml"
 DEFAULT_JARS_DIR = KAFKA_DIR / "lib"
-HOST = "127.0.0.1"
+HOST = process.HOST
 MIN_JAVA = 17  # Kafka 4 brokers refuse to run on older JVMs
 # Small, fixed heap: the broker shares a 2-core machine with model training and only carries local traffic.
 JVM_OPTS = (
@@ -49,7 +45,6 @@ JVM_OPTS = (
     "-Dlog4j2.shutdownHookEnabled=false",
 )
 _MVN_TIMEOUT_S = 900
-_KILL_WAIT_S = 10.0
 _POLL_S = 0.25
 
 
@@ -223,7 +218,7 @@ class LocalBroker:
                 self._wait_until_answering(bootstrap, self._proc.pid, timeout_s)
             except BrokerError:
                 # A broker that never came up must not linger holding the ports and the data dir.
-                self._terminate(self._proc.pid, _KILL_WAIT_S)
+                self._terminate(self._proc.pid, process.KILL_WAIT_S)
                 self._clear_pid()
                 raise
             return bootstrap
@@ -255,29 +250,17 @@ class LocalBroker:
         """Return the log4j2 config the broker is launched with."""
         return self.data_dir / "log4j2.properties"
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold an exclusive lock on the data dir so concurrent starts and stops cannot interleave."""
-        with (self.data_dir / "broker.lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return process.locked(self.data_dir / "broker.lock")
 
     def _read_state(self) -> dict[str, Any]:
         """Return the saved state, or {} when there is none or it is unreadable."""
-        try:
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return process.read_state(self.state_file)
 
     def _write_state(self, state: dict[str, Any]) -> None:
         """Save the state atomically, so a reader never sees half a file."""
-        tmp = self.state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.state_file)
+        process.write_state(self.state_file, state)
 
     def _clear_pid(self) -> None:
         """Forget the pid but keep the ports, so the next start reuses them."""
@@ -291,52 +274,18 @@ class LocalBroker:
         if not isinstance(pid, int) or pid <= 0 or not self._alive(pid):
             return None
         # The pid may have been recycled by an unrelated process since the broker died.
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        with contextlib.suppress(OSError):
-            args = cmdline.read_bytes().split(b"\0")
-            if b"kafka.Kafka" not in args or str(self.config_file).encode() not in args:
-                return None
+        if not process.cmdline_mentions(pid, b"kafka.Kafka", str(self.config_file).encode()):
+            return None
         return pid
 
     def _alive(self, pid: int) -> bool:
-        """Return True while `pid` runs; reap it first if it is our own exited child."""
-        if self._proc is not None and self._proc.pid == pid:
-            return self._proc.poll() is None
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # exists, owned by someone else
-        # A zombie still accepts signal 0; /proc tells it apart (absent off Linux: trust the signal).
-        with contextlib.suppress(OSError, IndexError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        return True
+        """Return True while `pid` runs."""
+        return process.alive(pid, self._proc)
 
     def _terminate(self, pid: int, timeout_s: float) -> None:
         """Send SIGTERM, wait up to `timeout_s`, then SIGKILL; raise BrokerError if it still runs."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)  # Kafka shuts down cleanly on TERM: no log recovery on next start
-        if self._wait_dead(pid, timeout_s):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not self._wait_dead(pid, _KILL_WAIT_S):
+        if not process.terminate(pid, timeout_s, self._proc):
             raise BrokerError(f"broker pid {pid} survived SIGKILL; kill it by hand and remove {self.state_file}")
-
-    def _wait_dead(self, pid: int, timeout_s: float) -> bool:
-        """Return True once `pid` has exited, False if it still runs after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while self._alive(pid):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
 
     def _wait_until_answering(self, bootstrap: str, pid: int, timeout_s: float) -> None:
         """Block until the broker answers a metadata request; raise BrokerError if it dies or times out."""
@@ -366,15 +315,15 @@ class LocalBroker:
         if port is not None:
             if not 0 < port < 65536:
                 raise BrokerError(f"port must be in 1..65535, got {port}")
-            if not _port_free(port):
+            if not process.port_free(port):
                 raise BrokerError(f"port {port} on {HOST} is in use: pass another port or free it")
             broker_port = port
         else:
             remembered = state.get("port")
             # Reusing the last port keeps bootstrap strings in other processes' configs valid across restarts.
-            broker_port = remembered if isinstance(remembered, int) and _port_free(remembered) else _free_port()
+            broker_port = remembered if isinstance(remembered, int) and process.port_free(remembered) else _free_port()
         remembered = state.get("controller_port")
-        if isinstance(remembered, int) and remembered != broker_port and _port_free(remembered):
+        if isinstance(remembered, int) and remembered != broker_port and process.port_free(remembered):
             controller_port = remembered
         else:
             controller_port = _free_port(exclude={broker_port})
@@ -484,26 +433,11 @@ logger.authorizer.level = WARN
 
 
 def _free_port(exclude: set[int] | None = None) -> int:
-    """Return a loopback port that nothing listens on right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port = int(sock.getsockname()[1])
-        if port not in (exclude or set()):
-            return port
-    raise BrokerError(f"no free TCP port on {HOST}")
-
-
-def _port_free(port: int) -> bool:
-    """Return True when `port` can be bound on loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Same option the JVM's acceptor sets: a TIME_WAIT left by the last run must not count as in use.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
+    """Return a free loopback port."""
+    try:
+        return process.free_port(exclude)
+    except OSError as e:
+        raise BrokerError(str(e)) from e
 
 
 def _new_cluster_id() -> str:
@@ -531,15 +465,8 @@ def _first_error_line(output: str) -> str:
     return ""
 
 
-def _last_error_line(path: Path, max_bytes: int = 64 * 1024) -> str:
-    """Return the last ERROR/FATAL/Exception line in the tail of `path`, trimmed to 300 characters."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(path.stat().st_size - max_bytes, 0))
-            tail = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    for line in reversed(tail.splitlines()):
-        if " ERROR " in line or " FATAL " in line or "Exception" in line or line.startswith("Error"):
-            return line.strip()[:300]
-    return ""
+def _last_error_line(path: Path) -> str:
+    """Return the last ERROR/FATAL/Exception line in the tail of a JVM log."""
+    return process.last_matching_line(
+        path, lambda line: " ERROR " in line or " FATAL " in line or "Exception" in line or line.startswith("Error")
+    )

@@ -1,0 +1,1 @@
+"""Detached local servers (the Kafka broker, Prometheus, Alertmanager): pids, state files, ports, logs."""
