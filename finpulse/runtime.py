@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from finpulse.config import AppConfig
@@ -50,6 +51,30 @@ def connect(config: AppConfig, start_local: bool = True) -> Cluster:
     return cluster
 
 
+def update_publisher(config: AppConfig, timeout_s: float = 10.0) -> Callable[[str, str, str, str | None], None] | None:
+    """Return the function announcing champion changes on the updates topic, or None when no Kafka is in use.
+
+    For one-shot commands (`finpulse models promote`): it never starts the local broker, and it probes the
+    cluster first, so an unreachable one costs seconds and raises BrokerError instead of hanging in the producer.
+    """
+    from stream.admin import broker_answers
+    from stream.errors import BrokerError
+    from stream.updates import UpdatePublisher
+
+    if config.kafka.bootstrap_servers:
+        bootstrap = config.kafka.bootstrap_servers
+    else:
+        status = local_broker(config).status()
+        if not status.running or not status.bootstrap:
+            return None
+        bootstrap = status.bootstrap
+    if not broker_answers(bootstrap, timeout_s=min(timeout_s, 3.0)):
+        raise BrokerError(f"Kafka at {bootstrap} does not answer")
+    # The topic may not exist yet on a cluster no scorer has used; a send to it would wait for metadata.
+    ensure_topics(bootstrap, [config.kafka.topics.updates], config.kafka.partitions, timeout_s=timeout_s)
+    return UpdatePublisher(config.kafka, timeout_s=timeout_s).publish
+
+
 def build_scorer(
     config: AppConfig, cluster: Cluster, serve_metrics: bool = True
 ) -> tuple[Scorer, MetricsServer | None]:
@@ -64,5 +89,6 @@ def build_scorer(
         classifier,
         History(config.storage),
         metrics,
+        model_config=config.model,
     )
     return scorer, server

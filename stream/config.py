@@ -80,6 +80,14 @@ class ScorerConfig(BaseModel):
         description="Tickers whose sentiment gets its own metric series "
         "(env FINPULSE_SCORER__WATCHLIST: AAPL,TSLA or a JSON list).",
     )
+    # model.updates messages trigger a swap at once; this re-read of the CHAMPION files covers missed messages.
+    champion_check_s: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="Seconds between re-reads of the CHAMPION files, to follow a champion change whose "
+        "model.updates message was missed; 0 = follow the messages only.",
+    )
 
     @field_validator("watchlist", mode="before")
     @classmethod

@@ -16,12 +16,16 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from learner.model import Classifier, Prediction
+from learner.adapters import AdapterStore
+from learner.config import ModelConfig
+from learner.labels import Task
+from learner.model import Classifier, Prediction, TaskModel
 from monitor.metrics import ScorerMetrics
 from storage import History, NewsRow
-from stream.config import ScorerConfig, TopicNames
+from stream.config import KafkaConfig, ScorerConfig, TopicNames
 from stream.errors import StreamError
 from stream.messages import Invalid, NewsItem, dead_letter, parse_news
+from stream.updates import ModelSwapper, SwapMetrics, UpdateListener
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,11 @@ def scored_value(item: NewsItem, prediction: Prediction, scored_at: datetime) ->
 
 
 class Scorer:
-    """One member of the scorer consumer group."""
+    """One member of the scorer consumer group.
+
+    Given `model_config`, it follows the champion adapters while it runs (model.updates, and the CHAMPION
+    files every `champion_check_s`); without it, it serves the classifier's versions until restarted.
+    """
 
     def __init__(
         self,
@@ -93,6 +101,7 @@ class Scorer:
         classifier: Classifier,
         history: History,
         metrics: ScorerMetrics,
+        model_config: ModelConfig | None = None,
     ) -> None:
         self.topics = topics
         self.config = config
@@ -125,12 +134,34 @@ class Scorer:
         models = classifier.models
         metrics.declare(models["topic"].labels, models["sentiment"].labels, config.watchlist)
         self._inference_batch = config.inference_batch or (512 if classifier.device.type == "cuda" else 32)
+        self.swapper: ModelSwapper | None = None
+        if model_config is not None:
+            try:
+                self.swapper = self._model_swapper(bootstrap_servers, model_config)
+            except StreamError:
+                self.producer.close(timeout=10)
+                self.consumer.close()
+                raise
+
+    def _model_swapper(self, bootstrap_servers: str, model_config: ModelConfig) -> ModelSwapper:
+        store = AdapterStore(model_config.adapters_dir)
+        device = self.classifier.device
+
+        def load(task: Task, version: str) -> TaskModel:
+            return TaskModel.load(store, task, version, model_config, device)
+
+        # The listener is created before the swapper first reads the champions: no promotion falls in between.
+        listener = UpdateListener(KafkaConfig(bootstrap_servers=bootstrap_servers, topics=self.topics))
+        metrics = SwapMetrics(self.metrics.registry)
+        return ModelSwapper(self.classifier, store, load, listener, metrics, self.config.champion_check_s)
 
     def close(self) -> None:
         """Leave the group and flush; uncommitted records go to the next owner."""
         try:
             self.producer.flush(timeout=10)
         finally:
+            if self.swapper is not None:
+                self.swapper.close()
             self.producer.close(timeout=10)
             self.consumer.close()
 
@@ -138,6 +169,9 @@ class Scorer:
         """Score until `stop` is set or `until(stats)` holds."""
         while not stop.is_set():
             records = self._gather(stop)
+            # Models change only here, between batches: every batch is scored, and its rows named, by one version.
+            if self.swapper is not None and self.swapper.between_batches():
+                self.metrics.set_versions(self.classifier.versions)
             if records:
                 self.handle(records)
             if until is not None and until(self.stats):
