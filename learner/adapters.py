@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from learner.labels import TASKS, Task
 
 CARD_FILE = "model_card.json"
 CHAMPION_FILE = "CHAMPION"
+STAGING_PREFIX = ".tmp-"
 _VERSION = re.compile(r"^(sentiment|topic)-v(\d+)$")
 
 
@@ -71,8 +73,65 @@ class AdapterStore:
         task_dir = self.root / task
         if not task_dir.is_dir():
             return []
-        found = [p.name for p in task_dir.iterdir() if p.is_dir() and _VERSION.match(p.name)]
+        # Staging dirs (`.tmp-<version>`) are not versions: a killed run may have left one half-written.
+        found = [
+            p.name
+            for p in task_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(STAGING_PREFIX) and _VERSION.match(p.name)
+        ]
         return sorted(found, key=_version_number)
+
+    def staging_dir(self, task: Task, version: str) -> Path:
+        """Return an empty directory to write a new version into, next to where it will live.
+
+        Nothing reads it until `commit_staged` renames it into place, so a run killed while writing leaves
+        no half-written version behind, only a staging dir that `discard_staging` removes.
+        """
+        if _VERSION.match(version) is None or not version.startswith(f"{task}-v"):
+            raise ModelLoadError(f"cannot stage {version!r}: a {task} version is named {task}-vN")
+        if self.version_dir(task, version).exists():
+            raise ModelLoadError(f"cannot stage {version}: {self.version_dir(task, version)} exists already")
+        staging = self.root / task / f"{STAGING_PREFIX}{version}"
+        if staging.exists():
+            shutil.rmtree(staging)  # the leftover of an earlier run that died writing this version
+        staging.mkdir(parents=True)
+        return staging
+
+    def commit_staged(self, task: Task, version: str) -> Path:
+        """Make a staged version visible, atomically: fsync its files, then rename the dir into place."""
+        staging = self.root / task / f"{STAGING_PREFIX}{version}"
+        target = self.version_dir(task, version)
+        if not (staging / "adapter_config.json").is_file():
+            raise ModelLoadError(f"cannot commit {version}: {staging} holds no adapter_config.json")
+        if target.exists():
+            # os.rename would silently replace an empty directory and fail on a full one.
+            raise ModelLoadError(f"cannot commit {version}: {target} exists already; stage the next version")
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                _fsync(path)
+        for path in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
+            _fsync_dir(path)
+        _fsync_dir(staging)
+        os.rename(staging, target)
+        # The rename is durable only once the directory entry is.
+        _fsync_dir(target.parent)
+        return target
+
+    def discard_staging(self, task: Task | None = None) -> list[Path]:
+        """Remove the staging dirs that killed runs left behind (of `task`, or of every task); return them.
+
+        Call it only where no other process is staging: at the learner's start, never from the CLI.
+        """
+        removed: list[Path] = []
+        for name in (task,) if task is not None else TASKS:
+            task_dir = self.root / name
+            if not task_dir.is_dir():
+                continue
+            for path in sorted(task_dir.iterdir()):
+                if path.is_dir() and path.name.startswith(STAGING_PREFIX):
+                    shutil.rmtree(path)
+                    removed.append(path)
+        return removed
 
     def next_version(self, task: Task) -> str:
         """Return the name the next version of a task gets."""
@@ -116,3 +175,18 @@ class AdapterStore:
 def _version_number(version: str) -> int:
     match = _VERSION.match(version)
     return int(match.group(2)) if match else 0
+
+
+def _fsync(path: Path) -> None:
+    """Flush one file's data to disk."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries to disk (its new and renamed children)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from learner.labels import TASKS
 from monitor.config import MetricsConfig
 from monitor.errors import MonitorError
 
@@ -112,6 +116,75 @@ class ScorerMetrics:
         self.consumer_lag.clear()
         for partition, lag in lags.items():
             self.consumer_lag.labels(partition=str(partition)).set(lag)
+
+
+# Outcomes of model_events; the ModelVersionRejected / ModelRolledBack alert rules select on them.
+MODEL_OUTCOMES = ("promoted", "rejected", "rolled_back")
+_log = logging.getLogger(__name__)
+
+
+class ModelVersionCollector(Collector):
+    """Exports the model registry's event counts and champions, read from DuckDB at every scrape.
+
+    Read at scrape time instead of counted in memory so that CLI promotions and rollbacks count too and a
+    restart does not reset the counter: `finpulse_model_versions_total{task,outcome}` is the number of
+    logged events, which never goes down. Every task x outcome is exported from 0, so the first event is
+    an increase that `increase()` sees. Register it with `registry.register(ModelVersionCollector(...))`.
+    """
+
+    def __init__(
+        self,
+        counts: Callable[[], dict[tuple[str, str], int]],
+        champions: Callable[[], dict[str, str]] | None = None,
+        tasks: Iterable[str] = TASKS,
+    ) -> None:
+        """Take the functions that read event counts per (task, outcome) and, optionally, the champions."""
+        self._counts = counts
+        self._champions = champions
+        self._tasks = tuple(tasks)
+        self._last_counts: dict[tuple[str, str], int] = {}
+        self._last_champions: dict[str, str] = {}
+
+    def describe(self) -> Iterator[Metric]:
+        """Name the families without reading DuckDB, so that registering the collector costs nothing."""
+        versions, champion = self._families()
+        yield versions
+        if self._champions is not None:
+            yield champion
+
+    def collect(self) -> Iterator[Metric]:
+        """Read the counts (and champions) and export them; on a read error, the last values read."""
+        try:
+            self._last_counts = dict(self._counts())
+            if self._champions is not None:
+                self._last_champions = dict(self._champions())
+        except Exception as e:  # a locked or unreadable file must not fail the whole scrape
+            _log.warning("model version metrics not refreshed: %s", e)
+        versions, champion = self._families()
+        counts = {(task, outcome): 0 for task in self._tasks for outcome in MODEL_OUTCOMES}
+        counts.update(self._last_counts)
+        for (task, outcome), count in sorted(counts.items()):
+            versions.add_metric([task, outcome], count)
+        yield versions
+        if self._champions is not None:
+            for task, version in sorted(self._last_champions.items()):
+                champion.add_metric([task, version], 1)
+            yield champion
+
+    def _families(self) -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        """Return the two families, empty."""
+        return (
+            CounterMetricFamily(
+                "finpulse_model_versions",
+                "Adapter versions promoted, rejected or rolled back, by task and outcome (from DuckDB).",
+                labels=["task", "outcome"],
+            ),
+            GaugeMetricFamily(
+                "finpulse_model_champion_info",
+                "Champion adapter version of each task as the registry records it (value 1).",
+                labels=["task", "version"],
+            ),
+        )
 
 
 class MetricsServer:

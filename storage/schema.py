@@ -133,6 +133,72 @@ _ALERT_TABLES_DDL: Final[tuple[str, ...]] = (
 )
 
 
+# The continual learner's tables (storage.labels, storage.models). No PRIMARY KEY or UNIQUE constraint
+# here either: the stores enforce uniqueness inside their write transactions, as AlertStore does.
+_LEARNER_TABLES_DDL: Final[tuple[str, ...]] = (
+    # One row per label received on news.labels; a replayed Kafka batch inserts nothing twice because
+    # (id, labelled_at, coalesce(labeller, '')) is unique.
+    """CREATE TABLE labels (
+    id VARCHAR NOT NULL,
+    text VARCHAR NOT NULL,
+    sentiment VARCHAR,
+    topic VARCHAR,
+    labelled_at TIMESTAMPTZ NOT NULL,
+    labeller VARCHAR,
+    received_at TIMESTAMPTZ NOT NULL,
+    kafka_topic VARCHAR,
+    kafka_partition INTEGER,
+    kafka_offset BIGINT
+)""",
+    # One row per batch of labels set aside to train a task on; `status` is open | trained.
+    """CREATE TABLE experiences (
+    id INTEGER NOT NULL,
+    task VARCHAR NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    span_start TIMESTAMPTZ,
+    span_end TIMESTAMPTZ,
+    n_train INTEGER NOT NULL,
+    n_holdout INTEGER NOT NULL,
+    status VARCHAR NOT NULL,
+    version VARCHAR
+)""",
+    # The frozen examples of an experience (text and label copied, so relabels cannot change them); split is
+    # train | holdout.
+    """CREATE TABLE experience_examples (
+    experience_id INTEGER NOT NULL,
+    label_id VARCHAR NOT NULL,
+    text VARCHAR NOT NULL,
+    label VARCHAR NOT NULL,
+    split VARCHAR NOT NULL
+)""",
+    # One row per adapter version; `status` is champion | rejected | retired | candidate.
+    """CREATE TABLE model_versions (
+    version VARCHAR NOT NULL,
+    task VARCHAR NOT NULL,
+    parent VARCHAR,
+    created_at TIMESTAMPTZ NOT NULL,
+    experience_id INTEGER,
+    span_start TIMESTAMPTZ,
+    span_end TIMESTAMPTZ,
+    metrics JSON,
+    status VARCHAR NOT NULL,
+    reason VARCHAR,
+    status_at TIMESTAMPTZ NOT NULL
+)""",
+    # The audit log behind finpulse_model_versions_total: outcome is promoted | rejected | rolled_back,
+    # source is learner | cli.
+    """CREATE TABLE model_events (
+    event_at TIMESTAMPTZ NOT NULL,
+    task VARCHAR NOT NULL,
+    version VARCHAR NOT NULL,
+    outcome VARCHAR NOT NULL,
+    previous VARCHAR,
+    source VARCHAR NOT NULL,
+    reason VARCHAR
+)""",
+)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One forward-only schema step, applied inside the writer's transaction."""
@@ -158,6 +224,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         version=2,
         description="alert subscriptions, received alerts and their deliveries",
         statements=_ALERT_TABLES_DDL,
+    ),
+    Migration(
+        version=3,
+        description="labels, experiences and model versions",
+        statements=_LEARNER_TABLES_DDL,
     ),
 )
 
