@@ -24,8 +24,10 @@ from stream.errors import StreamError
 
 KNOWN_ERRORS = (FinpulseError, LearnerError, MonitorError, StorageError, StreamError)
 if TYPE_CHECKING:
+    from learner.registry import Change, Registry
     from monitor.dispatcher import DeliveryEvent
     from monitor.subscriptions import Subscription
+    from storage.models import VersionRow
 log = logging.getLogger("finpulse")
 
 
@@ -127,12 +129,22 @@ def build_parser() -> Parser:
     demo.add_argument("--no-alerts", action="store_true", help="skip Prometheus, Alertmanager and the sell-off alert")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks (baseline and finpulse side by side)")
-    bench.add_argument("which", choices=["score"])
-    bench.add_argument("--messages", type=positive_int, default=1000, help="messages per contender (default 1000)")
+    bench.add_argument("which", choices=["score", "cl"], help="score: scorer vs pipeline; cl: continual learning")
+    bench.add_argument("--messages", type=positive_int, default=1000, help="score: messages per contender")
+    bench.add_argument("--quick", action="store_true", help="cl: small experiences and one seed (a few minutes)")
+    bench.add_argument("--seeds", type=positive_int, help="cl: how many seeds (default 3, 1 with --quick)")
     bench.add_argument("--json", action="store_true", help="print one JSON line")
     bench.add_argument(
-        "--out", type=Path, default=Path("results/bench-score.json"), help="where to write the JSON result"
+        "--out", type=Path, help="where to write the JSON result (default results/bench-score.json or bench-cl.json)"
     )
+
+    learn = sub.add_parser(
+        "learn", parents=[common], help="run the learner: news.labels → new adapter versions, gated and promoted"
+    )
+    learn.add_argument("--now", action="store_true", help="form an experience from the waiting labels right away")
+    learn.add_argument("--once", action="store_true", help="read the labels there are, learn once, and exit")
+    learn.add_argument("--task", choices=["sentiment", "topic"], action="append", help="only this task (repeatable)")
+    learn.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
     subscribe = sub.add_parser("subscribe", parents=[common], help="add an alert subscription (a webhook + filters)")
     subscribe.add_argument("name", help="a unique name for the subscription, e.g. fx-desk")
@@ -153,6 +165,26 @@ def build_parser() -> Parser:
         "dispatch", parents=[common], help="run the dispatcher: Alertmanager webhook → subscribers"
     )
     dispatch.add_argument("--port", type=int, help="listen port (dispatcher.port); 0 = any free one")
+
+    models = sub.add_parser("models", help="list, inspect, promote or roll back adapter versions")
+    models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=Parser)
+    models_list = models_sub.add_parser("list", parents=[common], help="list the adapter versions, newest first")
+    models_list.add_argument("--task", choices=["sentiment", "topic"], help="only this task")
+    models_list.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    models_show = models_sub.add_parser("show", parents=[common], help="one version: status, lineage, model card")
+    models_show.add_argument("version", help="e.g. sentiment-v2")
+    models_show.add_argument("--json", action="store_true", help="print one JSON object")
+    models_promote = models_sub.add_parser(
+        "promote", parents=[common], help="make a version the champion now, skipping the learner's held-out gate"
+    )
+    models_promote.add_argument("version", help="e.g. sentiment-v2")
+    models_promote.add_argument("--reason", help="why, for the model_events log (default: manual promotion)")
+    models_rollback = models_sub.add_parser(
+        "rollback", parents=[common], help="serve the champion's parent (or --to VERSION) again"
+    )
+    models_rollback.add_argument("task", choices=["sentiment", "topic"])
+    models_rollback.add_argument("--to", metavar="VERSION", help="a version that served before (default: the parent)")
+    models_rollback.add_argument("--reason", help="why, for the model_events log")
 
     sub.add_parser("config", parents=[common], help="print the effective configuration")
     return parser
@@ -277,15 +309,97 @@ def cmd_demo(args: argparse.Namespace, config: AppConfig, console: Console) -> i
 
 def cmd_bench(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
     """Run a benchmark, write its JSON and print it."""
+    if args.which == "cl":
+        return _bench_cl(args, config, console)
     from finpulse.bench import run_bench, write_result
 
     result = run_bench(config, args.messages, config.storage.duckdb_path.parent / "bench", console)
-    write_result(result, args.out)
+    out = args.out or Path("results/bench-score.json")
+    write_result(result, out)
     if args.json:
         sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
     else:
         console.print_json(json.dumps(result))
-        console.print(f"written to {args.out}")
+        console.print(f"written to {out}")
+    return 0
+
+
+def _bench_cl(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    from rich.table import Table
+
+    from learner import benchmark
+
+    seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
+    result = benchmark.run(
+        quick=args.quick,
+        seeds=seeds,
+        config=config.learner,
+        model_config=config.model,
+        train_config=config.train,
+        show_progress=not args.json and sys.stderr.isatty(),
+    )
+    doc = result.to_dict()
+    out = args.out or Path("results/bench-cl-quick.json" if args.quick else "results/bench-cl.json")
+    paths = benchmark.write(doc, out.parent, out.stem)
+    if args.json:
+        sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+        return 0
+    table = Table(title=f"continual learning: {' → '.join(doc['experiences'])}; seeds {seeds}")
+    for column in ("strategy", "avg accuracy", "± seeds", "forgetting", "BWT", "train s"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for name, s in doc["strategies"].items():
+        joint = name == "joint"
+        table.add_row(
+            name,
+            f"{s['avg_accuracy']:.3f}",
+            f"{s['avg_accuracy_std']:.3f}",
+            "—" if joint else f"{s['forgetting']:.3f}",
+            "—" if joint else f"{s['bwt']:+.3f}",
+            f"{s['train_s']:.0f}",
+        )
+    console.print(table)
+    console.print(f"wall {doc['wall_s']:.0f} s; written to {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_learn(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Run the learner until interrupted (or once, with --once)."""
+    from prometheus_client import CollectorRegistry
+
+    from finpulse.learn import Learner
+    from finpulse.runtime import connect
+    from monitor.metrics import MetricsServer
+
+    cluster = connect(config)
+    registry = CollectorRegistry()
+    server = MetricsServer(registry, config.metrics)
+    tasks = tuple(args.task) if args.task else ("sentiment", "topic")
+    learner = Learner(config, cluster.bootstrap_servers, registry, show_progress=not args.no_progress, tasks=tasks)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    console.print(
+        f"learning from {config.kafka.topics.labels} on {cluster.bootstrap_servers}; champions "
+        f"{learner.adapters.champions()}; metrics {server.url}"
+    )
+    try:
+        outcomes = learner.run(
+            stop,
+            now=args.now,
+            once=args.once,
+            on_outcome=lambda o: console.print(
+                f"{o.version} ({o.task}, experience {o.experience}): "
+                f"{'PROMOTED' if o.promoted else 'rejected'}: {o.reason}"
+            ),
+        )
+    finally:
+        learner.close()
+        server.close()
+    if args.once and not outcomes:
+        console.print(
+            "no experience was due: "
+            + ", ".join(f"{t} {learner.labels.pending_count(t)} labels waiting" for t in tasks)
+            + f" (min {config.learner.min_labels}, trigger {config.learner.trigger_labels}; --now forms one)"
+        )
     return 0
 
 
@@ -368,6 +482,172 @@ def cmd_dispatch(args: argparse.Namespace, config: AppConfig, console: Console) 
     return 0
 
 
+def _update_publisher(config: AppConfig) -> Callable[[str, str, str, str | None], None] | None:
+    """Connect a model.updates publisher, or return None when no Kafka is configured or running."""
+    # Imported here: finpulse.runtime pulls in torch, which listing versions does not need.
+    from finpulse.runtime import update_publisher
+
+    return update_publisher(config)
+
+
+class _LazyPublisher:
+    """Connects to Kafka at the first announcement only, so `models list` and `show` never do."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self._config = config
+        self._publish: Callable[[str, str, str, str | None], None] | None = None
+        self._unavailable: str | None = None  # why there is no publisher, once connecting was tried
+
+    def __call__(self, task: str, version: str, event: str, previous: str | None) -> None:
+        if self._publish is None and self._unavailable is None:
+            try:
+                self._publish = _update_publisher(self._config)
+            except KNOWN_ERRORS as e:
+                self._unavailable = str(e)
+                raise
+            if self._publish is None:
+                self._unavailable = "no Kafka configured and the local broker is not running"
+        if self._publish is None:
+            # Tried once per command: a second change in the same command would only wait for the same failure.
+            raise StreamError(self._unavailable)
+        self._publish(task, version, event, previous)
+
+
+def cmd_models(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """List, show, promote or roll back adapter versions, after syncing DuckDB with the adapters directory."""
+    from learner.adapters import AdapterStore
+    from learner.registry import Registry
+    from storage import History
+    from storage.models import ModelVersionStore
+
+    registry = Registry(
+        AdapterStore(config.model.adapters_dir), ModelVersionStore(History(config.storage)), _LazyPublisher(config)
+    )
+    for change in registry.sync(source="cli"):
+        console.print(
+            f"repaired: DuckDB now records {change.version} as the {change.task} champion, as the CHAMPION file "
+            f"says (was {change.previous or 'none'})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        _note_unannounced(change, config, console)
+    action = args.models_command
+    if action == "list":
+        _models_list(registry, args, console)
+    elif action == "show":
+        _models_show(registry, args)
+    elif action == "promote":
+        from learner.registry import task_of
+
+        task = task_of(args.version)
+        change = registry.promote(task, args.version, args.reason or "manual promotion", source="cli")
+        console.print(
+            f"promoted {change.version}: the {task} champion now (was {change.previous or 'none'})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        # After the fact, so that a refused promotion prints its error line only.
+        sys.stderr.write(
+            f"finpulse models promote: warning: {change.version} went live without the learner's held-out gate\n"
+        )
+        _note_unannounced(change, config, console)
+    else:
+        change = registry.rollback(args.task, to=args.to, source="cli", reason=args.reason)
+        console.print(
+            f"rolled back {args.task}: {change.version} serves again (was {change.previous})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        _note_unannounced(change, config, console)
+    return 0
+
+
+def _note_unannounced(change: Change, config: AppConfig, console: Console) -> None:
+    """Say in one line that a committed change was not announced, and why that is safe."""
+    if not change.published:
+        console.print(
+            f"note: not announced on {config.kafka.topics.updates} ({change.note}); scorers switch to "
+            f"{change.version} at their next check of the CHAMPION file",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _models_list(registry: Registry, args: argparse.Namespace, console: Console) -> None:
+    """Print the versions as a table or a JSON array."""
+    from rich.table import Table
+
+    from learner.registry import held_out_accuracy
+
+    rows = registry.list(args.task)
+    if args.json:
+        sys.stdout.write(json.dumps([_version_json(row) for row in rows], ensure_ascii=False) + "\n")
+        return
+    table = Table(title="model versions", title_justify="left", caption=f"{len(rows)} versions")
+    # On a narrow terminal rich shortens cells with an ellipsis; the version and status stay whole.
+    table.add_column("version", no_wrap=True, min_width=14)
+    table.add_column("task", no_wrap=True)
+    table.add_column("status", no_wrap=True, min_width=9)
+    for column in ("parent", "created"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("held-out acc", justify="right", no_wrap=True)
+    table.add_column("reason", overflow="fold")
+    for row in rows:
+        accuracy = held_out_accuracy(row.metrics)
+        table.add_row(
+            row.version,
+            row.task,
+            row.status,
+            row.parent or "-",
+            row.created_at.strftime("%Y-%m-%d %H:%M"),
+            "-" if accuracy is None else f"{accuracy:.4f}",
+            row.reason or "",
+        )
+    Console().print(table)
+
+
+def _models_show(registry: Registry, args: argparse.Namespace) -> None:
+    """Print one version's row, model card and events, as text or one JSON object."""
+    from dataclasses import asdict
+
+    info = registry.show(args.version)
+    shown = {
+        **_version_json(info.row),
+        "serving": info.serving,
+        "card": asdict(info.card) if info.card is not None else None,
+        "events": [{**asdict(event), "at": event.at.isoformat()} for event in info.events],
+    }
+    if args.json:
+        sys.stdout.write(json.dumps(shown, ensure_ascii=False) + "\n")
+        return
+    out = Console()
+    row = info.row
+    out.print(f"[bold]{row.version}[/bold] ({row.task}, {row.status}{', serving' if info.serving else ''})")
+    for name in ("parent", "created_at", "experience_id", "span_start", "span_end", "reason", "status_at"):
+        value = shown[name]
+        out.print(f"  {name}: {'-' if value is None else value}", highlight=False)
+    for event in info.events:
+        out.print(
+            f"  {event.at:%Y-%m-%d %H:%M:%S} {event.outcome} {event.version} (previous {event.previous or '-'}, "
+            f"by {event.source}){': ' + event.reason if event.reason else ''}",
+            highlight=False,
+        )
+    out.print("metrics:")
+    out.print_json(json.dumps(shown["metrics"] or {}))
+    if info.card is None:
+        out.print("model card: none on disk", highlight=False)
+    else:
+        out.print("model card:")
+        out.print_json(json.dumps(shown["card"]))
+
+
+def _version_json(row: VersionRow) -> dict[str, Any]:
+    """Return a version row as a JSON-ready dict (times as ISO 8601)."""
+    from dataclasses import asdict
+
+    return {key: value.isoformat() if hasattr(value, "isoformat") else value for key, value in asdict(row).items()}
+
+
 def cmd_config(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
     """Print the effective configuration as JSON."""
     sys.stdout.write(config.model_dump_json(indent=2) + "\n")
@@ -385,6 +665,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AppConfig, Console], int]] = {
     "unsubscribe": cmd_unsubscribe,
     "subscriptions": cmd_subscriptions,
     "dispatch": cmd_dispatch,
+    "models": cmd_models,
+    "learn": cmd_learn,
     "config": cmd_config,
 }
 

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finpulse.errors import ConfigError
-from learner.config import ModelConfig, TrainConfig
+from learner.config import ContinualConfig, ModelConfig, TrainConfig
 from monitor.config import DispatcherConfig, MetricsConfig
 from storage.config import StorageConfig
 from stream.config import KafkaConfig, ScorerConfig
@@ -36,6 +36,7 @@ class AppConfig(BaseModel):
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    learner: ContinualConfig = Field(default_factory=ContinualConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)

@@ -46,3 +46,44 @@ class TrainConfig(BaseModel):
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
     max_length: int = Field(64, ge=8, le=512, description="Tokens kept per training text (tweets are short).")
+
+
+class ContinualConfig(BaseModel):
+    """The learner: when it trains, how (replay + online EWC via avalanche), and what it takes to promote."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # When an experience forms.
+    trigger_labels: int = Field(200, ge=1, description="Form an experience once this many new labels of a task wait.")
+    trigger_interval_s: float = Field(
+        3600.0, ge=0, description="Also form one when the oldest waiting label is this old (0 = never by time)."
+    )
+    min_labels: int = Field(50, ge=2, description="Fewest labels an experience may have (time trigger and --now).")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of each experience's labels kept out of training for the gate."
+    )
+    # How it trains.
+    trainable_layers: int = Field(
+        2, ge=1, le=12, description="Top encoder layers whose LoRA weights train; lower ones stay frozen (cached)."
+    )
+    epochs: int = Field(3, ge=1, le=50, description="Passes over an experience's training labels.")
+    batch_size: int = Field(32, ge=1, le=1024, description="New labels per step (replay adds as many again).")
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="AdamW learning rate of LoRA and head weights.")
+    replay_size: int = Field(1000, ge=0, description="Class-balanced replay memory, in examples (0 = no replay).")
+    replay_batch_size: int = Field(32, ge=1, le=1024, description="Replayed examples per step.")
+    ewc_lambda: float = Field(100.0, ge=0, description="Weight of the online-EWC penalty (0 = no EWC).")
+    ewc_decay: float = Field(0.9, gt=0, le=1, description="Online EWC: how much of the old importance is kept.")
+    distill_alpha: float = Field(
+        0.0, ge=0, description="Weight of distillation towards the champion's outputs (LwF; 0 = off)."
+    )
+    distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of that distillation.")
+    time_budget_s: float = Field(900.0, gt=0, description="Training stops after this long; the gate still runs.")
+    seed: int = Field(13, description="Seed of shuffling, sampling and the held-out split.")
+    # What it takes to be promoted.
+    min_gain: float = Field(
+        0.01, ge=0, lt=1, description="Held-out accuracy the candidate must gain on the new experience."
+    )
+    max_forgetting: float = Field(
+        0.01, ge=0, lt=1, description="Held-out accuracy it may lose on any earlier experience (1 point)."
+    )
+    poll_s: float = Field(1.0, gt=0, le=60, description="How long one poll of news.labels waits.")

@@ -17,7 +17,7 @@ import torch
 from learner.adapters import CARD_FILE, ModelCard, now_utc
 from learner.config import ModelConfig, TrainConfig
 from learner.datasets import Example
-from learner.encoder import load_classifier_base, load_tokenizer
+from learner.encoder import base_model_path, load_classifier_base, load_tokenizer
 from learner.errors import LearnerError
 from learner.labels import Task, labels_of
 from learner.metrics import accuracy, macro_f1
@@ -131,6 +131,29 @@ def evaluate(
     }
 
 
+def save_adapter(model: Any, out_dir: Path, model_config: ModelConfig) -> None:
+    """Save a peft model's adapter to `out_dir`, naming the base model rather than a path of this machine."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A model loaded from a saved adapter names the hub id; peft would try (offline) to look it up to check
+    # the vocabulary. Point it at the local files while saving.
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = str(base_model_path(model_config.base_model))
+    model.save_pretrained(str(out_dir))
+    # peft records where the base came from; a site-packages path of this machine means nothing elsewhere.
+    # Rewritten after saving: set before, peft would look the name up (offline: a warning) to check the vocabulary.
+    adapter_config = out_dir / "adapter_config.json"
+    recorded = json.loads(adapter_config.read_text(encoding="utf-8"))
+    recorded["base_model_name_or_path"] = model_config.base_model or PACKAGED_BASE_ID
+    adapter_config.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    readme = out_dir / "README.md"  # peft's generated card repeats it in its front matter
+    if readme.is_file():
+        lines = readme.read_text(encoding="utf-8").splitlines()
+        lines = [
+            f"base_model: {recorded['base_model_name_or_path']}" if ln.startswith("base_model:") else ln for ln in lines
+        ]
+        readme.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def train_adapter(
     task: Task,
     train: Sequence[Example],
@@ -183,21 +206,7 @@ def train_adapter(
     train_s = time.perf_counter() - started
     metrics = evaluate(model, tokenizer, valid, task, train_config.max_length)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    # peft records where the base came from; a site-packages path of this machine means nothing elsewhere.
-    # Rewritten after saving: set before, peft would look the name up (offline: a warning) to check the vocabulary.
-    adapter_config = out_dir / "adapter_config.json"
-    recorded = json.loads(adapter_config.read_text(encoding="utf-8"))
-    recorded["base_model_name_or_path"] = model_config.base_model or PACKAGED_BASE_ID
-    adapter_config.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    readme = out_dir / "README.md"  # peft's generated card repeats it in its front matter
-    if readme.is_file():
-        lines = readme.read_text(encoding="utf-8").splitlines()
-        lines = [
-            f"base_model: {recorded['base_model_name_or_path']}" if ln.startswith("base_model:") else ln for ln in lines
-        ]
-        readme.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    save_adapter(model, out_dir, model_config)
     card = ModelCard(
         version=version,
         task=task,

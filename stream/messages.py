@@ -21,6 +21,7 @@ class Reason(StrEnum):
     EMPTY = "empty"
     OVERSIZED = "oversized"
     BAD_TIMESTAMP = "bad_timestamp"
+    UNKNOWN_LABEL = "unknown_label"
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> NewsItem | Invali
     size = len(text.encode("utf-8"))
     if size > max_text_bytes:
         return Invalid(Reason.OVERSIZED, f"'text' has {size} bytes, the limit is {max_text_bytes}")
-    published = _timestamp(payload["published_at"])
+    published = parse_timestamp(payload["published_at"])
     if published is None:
         return Invalid(Reason.BAD_TIMESTAMP, f"'published_at' is not RFC 3339: {payload['published_at'][:64]!r}")
     source = payload.get("source")
@@ -97,7 +98,8 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> NewsItem | Invali
     return NewsItem(item_id, text, published, source, tuple(t.strip().upper().lstrip("$") for t in tickers))
 
 
-def _timestamp(value: str) -> datetime | None:
+def parse_timestamp(value: str) -> datetime | None:
+    """Parse RFC 3339 with an offset into UTC; None when it is not."""
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:

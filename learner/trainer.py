@@ -1,0 +1,199 @@
+"""Train a candidate adapter version from the champion on one experience, and score both on every held-out slice.
+
+A version directory holds, beside the peft adapter and its model card, what the next version continues from:
+`replay.json` (the class-balanced replay memory after this version's experience) and `ewc.safetensors`
+(online-EWC importances and anchor weights of the trainable parameters). A rejected candidate's memory dies
+with it: the next candidate starts again from the champion's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from learner.adapters import CARD_FILE, AdapterStore, ModelCard, now_utc
+from learner.config import ContinualConfig, ModelConfig
+from learner.continual import (
+    FeatureBank,
+    TopModel,
+    accuracy_on,
+    build_strategy,
+    experience_of,
+    freeze_lower_layers,
+    label_ids,
+    load_tensors,
+    memory_items,
+    progress_plugin,
+    restore_memory,
+    save_tensors,
+    seed_everything,
+    tensor_dataset,
+)
+from learner.encoder import load_classifier_base, load_tokenizer
+from learner.errors import LearnerError, ModelLoadError
+from learner.gate import SliceScore
+from learner.labels import Task, labels_of
+from learner.training import PACKAGED_BASE, save_adapter
+
+log = logging.getLogger(__name__)
+
+REPLAY_FILE = "replay.json"
+EWC_FILE = "ewc.safetensors"
+
+Pairs = list[tuple[str, str]]  # (text, label)
+
+
+@dataclass(frozen=True)
+class ExperienceSlices:
+    """The examples of one experience: what trains and what judges."""
+
+    id: int
+    train: Pairs
+    holdout: Pairs
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trained, saved candidate version and how it compares with the champion."""
+
+    version: str
+    parent: str
+    path: Path
+    new: SliceScore
+    earlier: list[SliceScore]
+    train_s: float
+    steps: int
+    out_of_time: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def read_memory(path: Path) -> Pairs:
+    """Read a version's replay memory; an absent file is an empty memory."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read the replay memory {path}: {e}") from e
+    return [(item["text"], item["label"]) for item in raw["examples"]]
+
+
+def train_candidate(
+    task: Task,
+    adapters: AdapterStore,
+    champion: str,
+    new: ExperienceSlices,
+    earlier: Sequence[ExperienceSlices],
+    config: ContinualConfig,
+    model_config: ModelConfig,
+    seed_memory: Sequence[tuple[str, str]] = (),
+    show_progress: bool = False,
+) -> Candidate:
+    """Continue the champion on `new` with replay + online EWC; save the result as the next version."""
+    from peft import PeftModel
+
+    if not new.train or not new.holdout:
+        raise LearnerError(f"experience {new.id} needs training and held-out labels")
+    seed_everything(config.seed + new.id)
+    champion_dir = adapters.version_dir(task, champion)
+    base = load_classifier_base(len(labels_of(task)), model_config.base_model)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(champion_dir), is_trainable=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load the champion {champion} from {champion_dir}: {e}") from e
+    frozen = freeze_lower_layers(peft_model, config.trainable_layers)
+    bank = FeatureBank(peft_model, load_tokenizer(model_config.base_model), frozen, model_config.max_length)
+    model = TopModel(peft_model, bank)
+
+    memory = read_memory(champion_dir / REPLAY_FILE) or list(seed_memory)
+    mem_idx = bank.add([t for t, _ in memory])
+    train_idx = bank.add([t for t, _ in new.train])
+    slices = [*earlier, new]
+    holdouts = [(s, bank.add([t for t, _ in s.holdout]), label_ids(task, [y for _, y in s.holdout])) for s in slices]
+    before = [accuracy_on(model, idx, y) for _, idx, y in holdouts]
+
+    steps = -(-len(new.train) // config.batch_size) * config.epochs
+    bar = progress_plugin(steps, f"{task} experience {new.id}", config.time_budget_s, show_progress)
+    strategy = build_strategy(
+        model, config, replay=config.replay_size > 0, ewc=config.ewc_lambda > 0, distill=True, plugins=[bar]
+    )
+    if strategy.distill is not None:
+        strategy.distill_from(model.frozen_copy(), len(labels_of(task)))
+    memory_data = tensor_dataset(mem_idx, label_ids(task, [y for _, y in memory]))
+    restore_memory(strategy, memory_data)
+    if strategy.ewc is not None:
+        ewc_path = champion_dir / EWC_FILE
+        if ewc_path.is_file():
+            strategy.ewc.load(load_tensors(ewc_path), model.classifier_device())
+        elif len(memory_data):
+            # The first continual step: what the champion knows is measured on the memory it was seeded with.
+            strategy.ewc.consolidate(model, memory_data, model.classifier_device(), config.batch_size)
+
+    started = time.perf_counter()
+    train_data = tensor_dataset(train_idx, label_ids(task, [y for _, y in new.train]))
+    strategy.template.train(experience_of(train_data, new.id), eval_streams=[])
+    train_s = time.perf_counter() - started
+    after = [accuracy_on(model, idx, y) for _, idx, y in holdouts]
+    scores = [
+        SliceScore(s.id, len(s.holdout), round(b, 4), round(a, 4))
+        for (s, _, _), b, a in zip(holdouts, before, after, strict=True)
+    ]
+
+    version = adapters.next_version(task)
+    staging = adapters.staging_dir(task, version)
+    save_adapter(peft_model, staging, model_config)
+    kept = [(_text_at(i, memory, new.train), labels_of(task)[y]) for i, y in memory_items(strategy)]
+    _write_memory(staging / REPLAY_FILE, kept)
+    if strategy.ewc is not None:
+        save_tensors(staging / EWC_FILE, strategy.ewc.state())
+    metrics = {
+        "holdout": {"accuracy": scores[-1].candidate, "champion_accuracy": scores[-1].champion, "n": len(new.holdout)},
+        "matrix_row": {str(s.experience_id): s.candidate for s in scores},
+        "champion_row": {str(s.experience_id): s.champion for s in scores},
+        "train_s": round(train_s, 1),
+        "steps": bar.steps,
+        "out_of_time": bar.out_of_time,
+        "replay_memory": len(kept),
+    }
+    card = ModelCard(
+        version=version,
+        task=task,
+        labels=list(labels_of(task)),
+        base_model=model_config.base_model or PACKAGED_BASE,
+        parent=champion,
+        created_at=now_utc(),
+        seed=config.seed + new.id,
+        data={"experience": new.id, "n_train": len(new.train), "n_holdout": len(new.holdout)},
+        metrics=metrics,
+        hyperparameters=config.model_dump(),
+    )
+    (staging / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+    path = adapters.commit_staged(task, version)
+    return Candidate(
+        version=version,
+        parent=champion,
+        path=path,
+        new=scores[-1],
+        earlier=scores[:-1],
+        train_s=train_s,
+        steps=bar.steps,
+        out_of_time=bar.out_of_time,
+        metrics=metrics,
+    )
+
+
+def _text_at(index: int, memory: Pairs, train: Pairs) -> str:
+    # The bank was filled memory first, then the new training texts: indices map back in that order.
+    if index < len(memory):
+        return memory[index][0]
+    return train[index - len(memory)][0]
+
+
+def _write_memory(path: Path, items: Pairs) -> None:
+    payload = {"examples": [{"text": t, "label": y} for t, y in items]}
+    path.write_text(json.dumps(payload, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,140 @@
+"""The learner's pure parts: the label contract, holdout splits, the gate, benchmark figures, the EWC state."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+
+import pytest
+import torch
+from torch import nn
+
+from learner.benchmark import StrategyResult, markdown_table
+from learner.continual import ewc_plugin_class
+from learner.experience import split_holdout
+from learner.gate import SliceScore, decide
+from storage.labels import LabelRow
+from stream.labels import label_value, parse_label
+from stream.messages import Invalid, Reason
+
+AT = "2026-11-30T09:00:00Z"
+
+
+def test_a_valid_label_parses_with_utc_time_and_optional_fields() -> None:
+    row = parse_label(label_value("n-1", "Oil slides", "2026-11-30T10:00:00+01:00", sentiment="negative"), 8192)
+    assert isinstance(row, LabelRow)
+    assert (row.id, row.sentiment, row.topic, row.labeller) == ("n-1", "negative", None, None)
+    assert row.labelled_at == datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+    both = parse_label(label_value("n-2", "Fed holds", AT, sentiment="neutral", topic="Fed / Central Banks"), 8192)
+    assert isinstance(both, LabelRow) and both.topic == "Fed / Central Banks"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "fragment"),
+    [
+        (None, Reason.EMPTY, "no value"),
+        (b"\xff\xfe", Reason.NOT_UTF8, "UTF-8"),
+        (b"{nope", Reason.INVALID_JSON, "not JSON"),
+        (b"[1]", Reason.NOT_OBJECT, "object"),
+        (json.dumps({"text": "t", "labelled_at": AT, "sentiment": "neutral"}).encode(), Reason.MISSING_FIELD, "'id'"),
+        (label_value("a", "t", AT), Reason.MISSING_FIELD, "'sentiment', 'topic' or both"),
+        (label_value("a", "t", AT, sentiment="bearish"), Reason.UNKNOWN_LABEL, "'bearish'"),
+        (label_value("a", "t", AT, topic="Crypto"), Reason.UNKNOWN_LABEL, "one of the 20 topics"),
+        (label_value("a", "t", "yesterday", sentiment="neutral"), Reason.BAD_TIMESTAMP, "RFC 3339"),
+        (label_value("a", "t", "2026-11-30T09:00:00", sentiment="neutral"), Reason.BAD_TIMESTAMP, "RFC 3339"),
+        (label_value("a", "   ", AT, sentiment="neutral"), Reason.EMPTY, "'text'"),
+        (label_value("a", "x" * 9000, AT, sentiment="neutral"), Reason.OVERSIZED, "9000 bytes"),
+        (label_value("a", "t", AT, sentiment=3), Reason.WRONG_TYPE, "'sentiment' must be a string"),  # type: ignore[arg-type]
+        (label_value("a", "t", AT, sentiment="neutral", labeller=["x"]), Reason.WRONG_TYPE, "'labeller'"),
+    ],
+)
+def test_invalid_labels_say_why(value: bytes | None, reason: Reason, fragment: str) -> None:
+    parsed = parse_label(value, 8192)
+    assert isinstance(parsed, Invalid)
+    assert parsed.reason == reason
+    assert fragment in parsed.detail
+
+
+def test_holdout_split_is_stratified_deterministic_and_order_free() -> None:
+    rows = [(f"id-{i}", f"text {i}", ["negative", "neutral", "positive"][i % 3 if i < 90 else 1]) for i in range(120)]
+    train, holdout = split_holdout(rows, 0.2, seed=5)
+    assert len(train) + len(holdout) == 120 and not {r[0] for r in train} & {r[0] for r in holdout}
+    assert Counter(r[2] for r in holdout) == {"negative": 6, "neutral": 12, "positive": 6}
+    again = split_holdout(list(reversed(rows)), 0.2, seed=5)
+    assert again == (train, holdout)
+    assert split_holdout(rows, 0.2, seed=6) != (train, holdout)
+    # A class with a single label trains; it cannot be both taught and judged.
+    lone_train, lone_holdout = split_holdout(
+        [("a", "t", "negative"), ("b", "u", "neutral"), ("c", "v", "neutral")], 0.5, 1
+    )
+    assert [r[0] for r in lone_train if r[2] == "negative"] == ["a"] and len(lone_holdout) == 1
+
+
+def test_gate_promotes_a_clear_gain_that_keeps_earlier_slices() -> None:
+    new = SliceScore(2, 400, champion=0.55, candidate=0.70)
+    decision = decide(new, [SliceScore(1, 300, 0.88, 0.875)], min_gain=0.01, max_forgetting=0.01)
+    assert decision.promote and "+15.0 pts" in decision.reason
+
+
+def test_gate_rejects_forgetting_beyond_the_margin() -> None:
+    decision = decide(
+        SliceScore(2, 400, 0.55, 0.70), [SliceScore(1, 300, 0.88, 0.85)], min_gain=0.01, max_forgetting=0.01
+    )
+    assert not decision.promote and "forgets experience 1" in decision.reason and "-3.0 pts" in decision.reason
+
+
+def test_gate_rejects_a_gain_within_the_noise_of_a_small_slice() -> None:
+    # +5 points on 40 labels is two examples: less than one standard error of the difference (~10 points).
+    decision = decide(SliceScore(3, 40, 0.60, 0.65), [], min_gain=0.01, max_forgetting=0.01)
+    assert not decision.promote and "not better" in decision.reason and "40 held-out labels" in decision.reason
+    assert decide(SliceScore(3, 4000, 0.60, 0.65), [], min_gain=0.01, max_forgetting=0.01).promote
+
+
+def test_benchmark_figures_follow_their_definitions() -> None:
+    result = StrategyResult(
+        matrices=[[[0.8, 0.3], [0.6, 0.7]], [[0.9, 0.2], [0.7, 0.8]]],
+        train_s=[10.0, 12.0],
+    )
+    s = result.summary()
+    assert s["avg_accuracy"] == pytest.approx((0.65 + 0.75) / 2)
+    assert s["forgetting"] == pytest.approx(0.2)  # best earlier accuracy minus final, averaged
+    assert s["bwt"] == pytest.approx(-0.2)
+    assert s["matrix"] == [[0.85, 0.25], [0.65, 0.75]]
+    table = markdown_table({"strategies": {"naive": s, "joint": s}})
+    assert "| naive | 0.700 |" in table and "| joint | 0.700 | 0.050 | — | — |" in table
+
+
+def test_ewc_state_covers_trainable_weights_only_and_round_trips() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    x = torch.arange(12, dtype=torch.long)
+    features = torch.randn(12, 4)
+    targets = torch.tensor([i % 3 for i in range(12)])
+
+    class Lookup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, index: torch.Tensor) -> torch.Tensor:
+            return self.inner(features[index])  # type: ignore[no-any-return]
+
+    from learner.continual import tensor_dataset
+
+    lookup = Lookup()
+    plugin = ewc_plugin_class()(ewc_lambda=10.0, decay_factor=0.5)
+    plugin.consolidate(lookup, tensor_dataset(x, targets.tolist()), torch.device("cpu"), 4)
+    assert set(plugin.fisher) == {"inner.1.weight", "inner.1.bias"}  # the frozen layer has no importance
+    assert all(float(f.sum()) > 0 for f in plugin.fisher.values())
+    restored = ewc_plugin_class()(ewc_lambda=10.0, decay_factor=0.5)
+    restored.load(plugin.state(), torch.device("cpu"))
+    assert restored.experiences_seen == 1
+    assert all(torch.equal(restored.fisher[k], plugin.fisher[k]) for k in plugin.fisher)
+    assert all(torch.equal(restored.anchors[k], plugin.anchors[k]) for k in plugin.anchors)
+    # Online EWC: the next consolidation keeps decay x the old importance.
+    old = {k: v.clone() for k, v in plugin.fisher.items()}
+    plugin.consolidate(lookup, tensor_dataset(x, targets.tolist()), torch.device("cpu"), 4)
+    for k in old:
+        assert torch.allclose(plugin.fisher[k], 0.5 * old[k] + old[k])
