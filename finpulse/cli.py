@@ -374,7 +374,8 @@ def cmd_learn(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     registry = CollectorRegistry()
     server = MetricsServer(registry, config.metrics)
     tasks = tuple(args.task) if args.task else ("sentiment", "topic")
-    learner = Learner(config, cluster.bootstrap_servers, registry, show_progress=not args.no_progress, tasks=tasks)
+    progress = not args.no_progress and sys.stderr.isatty()
+    learner = Learner(config, cluster.bootstrap_servers, registry, show_progress=progress, tasks=tasks)
     stop = threading.Event()
     _stop_on_signals(stop)
     console.print(

@@ -49,7 +49,7 @@ _VERSION_SELECT: Final = (
     "CAST(metrics AS VARCHAR), status, reason, epoch_us(status_at) FROM model_versions"
 )
 # AT is a keyword in DuckDB, so the column is quoted wherever it is named.
-_EVENT_SELECT: Final = 'SELECT epoch_us(event_at), task, version, outcome, previous, source, reason FROM model_events'
+_EVENT_SELECT: Final = "SELECT epoch_us(event_at), task, version, outcome, previous, source, reason FROM model_events"
 
 
 class VersionNotFoundError(StorageError):
@@ -258,7 +258,7 @@ class ModelVersionStore:
         with self._read("reading model events") as con:
             if con is None:
                 return []
-            records = con.execute(f'{_EVENT_SELECT}{where} ORDER BY event_at, rowid', params).fetchall()
+            records = con.execute(f"{_EVENT_SELECT}{where} ORDER BY event_at, rowid", params).fetchall()
         return [
             ModelEvent(
                 at=_required_time(r[0]),

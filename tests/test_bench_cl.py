@@ -1,0 +1,51 @@
+"""`finpulse bench cl --quick`: the continual-learning benchmark runs from one command and says something.
+
+The quick variant trains five strategies on 400 examples per experience (~4 minutes on 2 CPU cores). The
+full run (`finpulse bench cl`, three seeds) is the one whose figures are reported; this checks the shape of
+the output and the two facts a benchmark of forgetting has to show to mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finpulse.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_prints_one_json_line_writes_its_files_and_shows_forgetting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results" / "cl.json"
+    assert main(["bench", "cl", "--quick", "--json", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    doc = json.loads(lines[0])
+
+    assert doc["experiences"] == ["tfns", "sentfin", "stock_tweets"]
+    assert doc["seeds"] == [1]
+    strategies = doc["strategies"]
+    assert list(strategies) == ["naive", "replay", "ewc", "replay_ewc", "joint"]
+    for name, s in strategies.items():
+        for key in ("avg_accuracy", "forgetting", "bwt", "train_s"):
+            assert isinstance(s[key], int | float), (name, key)
+        assert 0.33 < s["avg_accuracy"] <= 1.0, name  # better than chance on three classes
+        rows = 1 if name == "joint" else 3
+        assert len(s["matrix"]) == rows and all(len(r) == 3 for r in s["matrix"]), name
+        assert s["train_s"] > 0
+    # Naive fine-tuning must forget measurably, or the sequence is too easy to say anything...
+    assert strategies["naive"]["forgetting"] > 0.03
+    # ...and replay + EWC must forget less and end higher; joint training is the upper bound of naive.
+    assert strategies["replay_ewc"]["forgetting"] < strategies["naive"]["forgetting"]
+    assert strategies["replay_ewc"]["avg_accuracy"] > strategies["naive"]["avg_accuracy"]
+    assert strategies["joint"]["avg_accuracy"] > strategies["naive"]["avg_accuracy"]
+
+    assert json.loads(out.read_text(encoding="utf-8"))["strategies"].keys() == strategies.keys()
+    table = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert table.startswith("| strategy |") and "| replay_ewc |" in table
+    png = out.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
