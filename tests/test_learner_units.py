@@ -138,3 +138,38 @@ def test_ewc_state_covers_trainable_weights_only_and_round_trips() -> None:
     plugin.consolidate(lookup, tensor_dataset(x, targets.tolist()), torch.device("cpu"), 4)
     for k in old:
         assert torch.allclose(plugin.fisher[k], 0.5 * old[k] + old[k])
+
+
+def test_training_stops_at_the_time_budget_and_counts_its_steps() -> None:
+    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.templates import SupervisedTemplate
+
+    from learner.continual import experience_of, progress_plugin, tensor_dataset
+
+    features = torch.randn(40, 4)
+
+    class Lookup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, index: torch.Tensor) -> torch.Tensor:
+            return self.linear(features[index])  # type: ignore[no-any-return]
+
+    def train(budget_s: float | None) -> tuple[int, bool]:
+        model = Lookup()
+        bar = progress_plugin(30, "test", budget_s, show=False)
+        template = SupervisedTemplate(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            train_mb_size=4,
+            train_epochs=3,
+            plugins=[bar],
+            evaluator=EvaluationPlugin(),
+        )
+        data = tensor_dataset(torch.arange(40), [i % 3 for i in range(40)])
+        template.train(experience_of(data, 0), eval_streams=[])
+        return bar.steps, bar.out_of_time
+
+    assert train(None) == (30, False)  # 3 epochs of 10 steps
+    assert train(0.0) == (1, True)  # the budget is checked after every step; the remaining epochs are skipped
