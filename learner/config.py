@@ -69,8 +69,14 @@ class ContinualConfig(BaseModel):
     epochs: int = Field(3, ge=1, le=50, description="Passes over an experience's training labels.")
     batch_size: int = Field(32, ge=1, le=1024, description="New labels per step (replay adds as many again).")
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="AdamW learning rate of LoRA and head weights.")
-    replay_size: int = Field(1000, ge=0, description="Class-balanced replay memory, in examples (0 = no replay).")
+    # Chosen on `finpulse bench cl` (3 seeds, 1,000 training examples per experience): a 1,000-example memory
+    # left replay + EWC 3.3 points under joint training with 3.8 points of forgetting; 2,000 closes the gap.
+    # In production the memory is small beside the labels it summarises; 2,000 texts cost ~6 s of caching.
+    replay_size: int = Field(2000, ge=0, description="Class-balanced replay memory, in examples (0 = no replay).")
     replay_batch_size: int = Field(32, ge=1, le=1024, description="Replayed examples per step.")
+    # Measured at a 1,000-example memory: lambda 10 and 100 give the same accuracy (0.700 vs 0.699); 1e4 held
+    # the weights so firmly that the new domains were learnt 4-10 points worse (single seed). The penalty is
+    # an anchor against drift between experiences, not the main defence: replay is.
     ewc_lambda: float = Field(100.0, ge=0, description="Weight of the online-EWC penalty (0 = no EWC).")
     ewc_decay: float = Field(0.9, gt=0, le=1, description="Online EWC: how much of the old importance is kept.")
     distill_alpha: float = Field(

@@ -14,7 +14,8 @@ import pytest
 
 from finpulse.cli import main
 
-pytestmark = pytest.mark.slow
+# ~4 minutes alone on 2 cores; the suite-wide 600 s limit is too tight when the machine is shared.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def test_quick_benchmark_prints_one_json_line_writes_its_files_and_shows_forgetting(

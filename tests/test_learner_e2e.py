@@ -40,7 +40,7 @@ from stream.config import ScorerConfig, TopicNames
 from stream.labels import label_value
 from stream.scorer import Scorer, ScorerStats
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(1200)]  # real training, 1-4 min each
 
 ROOT = Path(__file__).resolve().parents[1]
 
