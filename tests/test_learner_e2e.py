@@ -180,7 +180,7 @@ def test_labels_become_a_promoted_version_that_scorers_switch_to_mid_stream_and_
     scorer = ScorerThread(
         Scorer(kafka_bootstrap, topics, scorer_config, classifier, history, metrics, model_config=config.model)
     )
-    items = labelled_stream(1300)
+    items = labelled_stream(2600)  # ~7 min at 6/s: outlasts two trainings on a busy machine; stopped below
     producer = ReplayProducer(kafka_bootstrap, topics.raw, news_messages(items), rate=6)  # outlasts two trainings
     cleanup.append(lambda: (producer.stop(), scorer.halt.set(), scorer.join(30), scorer.scorer.close()))
     scorer.start()
