@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.structs import OffsetAndMetadata
+from kafka import KafkaConsumer, KafkaProducer
 
 from learner.labels import SENTIMENTS, TOPICS
 from storage.labels import LabelRow, LabelStore
 from stream.config import TopicNames
 from stream.messages import MAX_ID_CHARS, Invalid, Reason, dead_letter, parse_timestamp
+from stream.scorer import next_offsets
 
 log = logging.getLogger(__name__)
 
@@ -148,21 +147,15 @@ class LabelConsumer:
                 futures.append(self.producer.send(self.topics.dlq, key=record.key or b"label", value=value))
                 log.warning("event=label_dead_lettered offset=%d reason=%s", record.offset, parsed.reason.value)
                 continue
-            rows.append(_with_origin(parsed, record.topic, record.partition, record.offset))
+            rows.append(
+                replace(parsed, kafka_topic=record.topic, kafka_partition=record.partition, kafka_offset=record.offset)
+            )
         self.producer.flush()
         for future in futures:
             future.get(timeout=30)  # a failed dead-letter send must not be committed past
         stored = self.store.write(rows) if rows else 0
-        self._commit(records)
+        self.consumer.commit(next_offsets(records))
         return LabelBatch(len(records), stored, len(futures))
-
-    def _commit(self, records: Sequence[Any]) -> None:
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            if tp not in offsets or offsets[tp].offset <= record.offset:
-                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
-        self.consumer.commit(offsets)
 
     def close(self) -> None:
         """Flush and leave the group."""
@@ -171,17 +164,3 @@ class LabelConsumer:
         finally:
             self.producer.close(timeout=10)
             self.consumer.close()
-
-
-def _with_origin(row: LabelRow, topic: str, partition: int, offset: int) -> LabelRow:
-    return LabelRow(
-        id=row.id,
-        text=row.text,
-        sentiment=row.sentiment,
-        topic=row.topic,
-        labelled_at=row.labelled_at,
-        labeller=row.labeller,
-        kafka_topic=topic,
-        kafka_partition=partition,
-        kafka_offset=offset,
-    )

@@ -262,13 +262,8 @@ class Scorer:
             self.metrics.batch_seconds.labels(stage=name).observe(time.perf_counter() - started)
 
     def _commit(self, records: Sequence[Record]) -> None:
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            if tp not in offsets or offsets[tp].offset <= record.offset:
-                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(next_offsets(records))
         except CommitFailedError as e:
             # The partitions moved to another member, which will replay them; our rows make those duplicates.
             self.stats.commit_failures += 1
@@ -323,6 +318,16 @@ class Scorer:
             if position is not None:
                 lags[tp.partition] = max(0, end - position)
         return lags
+
+
+def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """Return, per partition, the offset to commit once `records` are handled: one past the highest."""
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        if tp not in offsets or offsets[tp].offset <= record.offset:
+            offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
+    return offsets
 
 
 def _row(record: Record, item: NewsItem, prediction: Prediction, scored_at: datetime) -> NewsRow:
