@@ -342,7 +342,8 @@ def _bench_cl(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     out = args.out or Path("results/bench-cl-quick.json" if args.quick else "results/bench-cl.json")
     paths = benchmark.write(doc, out.parent, out.stem)
     if args.json:
-        sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+        # Insertion order is the documented strategy order (baseline first, upper bound last).
+        sys.stdout.write(json.dumps(doc) + "\n")
         return 0
     table = Table(title=f"continual learning: {' → '.join(doc['experiences'])}; seeds {seeds}")
     for column in ("strategy", "avg accuracy", "± seeds", "forgetting", "BWT", "train s"):
