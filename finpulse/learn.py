@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from finpulse.config import AppConfig
 from learner.adapters import AdapterStore
-from learner.experience import bootstrap_slices, split_holdout
+from learner.experience import bootstrap_slices, split_holdout, trigger
 from learner.gate import Decision, decide
 from learner.labels import TASKS, Task
 from learner.registry import Registry
@@ -160,15 +160,8 @@ class Learner:
     def _form(self, task: Task, now: bool) -> Experience | None:
         cfg = self.config.learner
         count = self.labels.pending_count(task)
-        if count < cfg.min_labels:
-            return None
-        oldest = self.labels.oldest_pending(task)
-        aged = (
-            cfg.trigger_interval_s > 0
-            and oldest is not None
-            and (datetime.now(UTC) - oldest).total_seconds() >= cfg.trigger_interval_s
-        )
-        if not (now or aged or count >= cfg.trigger_labels):
+        fired = trigger(count, self.labels.oldest_pending(task), datetime.now(UTC), cfg, manual=now)
+        if fired is None:
             return None
         rows = [(r.id, r.text, r.label(task) or "") for r in self.labels.pending(task)]
         existing = len(self.labels.experiences(task))
@@ -176,7 +169,7 @@ class Learner:
         experience = self.labels.create_experience(task, train, holdout)
         log.info(
             "event=experience_formed task=%s experience=%d train=%d holdout=%d trigger=%s",
-            task, experience.id, len(train), len(holdout), "now" if now else ("age" if aged else "count"),
+            task, experience.id, len(train), len(holdout), fired,
         )  # fmt: skip
         return experience
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from learner.config import ContinualConfig
 from learner.datasets import Example, tfns_sentiment, tfns_topic
 from learner.errors import DatasetError
 from learner.labels import Task
@@ -16,6 +18,26 @@ Labelled = tuple[str, str, str]  # (label id, text, label)
 # The bootstrap experience's held-out slice: large enough that a 1-point margin is 10 examples, small enough to
 # score in a second on the CPU.
 BOOTSTRAP_HOLDOUT = 1000
+
+
+def trigger(
+    pending: int, oldest: dt.datetime | None, at: dt.datetime, config: ContinualConfig, manual: bool = False
+) -> str | None:
+    """Name the trigger that fires for `pending` waiting labels, the oldest from `oldest`: now, count, age or None.
+
+    Below `min_labels` nothing fires, not even `--now`: a held-out slice of a handful of labels cannot tell a
+    better candidate from a lucky one.
+    """
+    if pending < config.min_labels:
+        return None
+    if manual:
+        return "now"
+    if pending >= config.trigger_labels:
+        return "count"
+    interval = config.trigger_interval_s
+    if interval > 0 and oldest is not None and (at - oldest).total_seconds() >= interval:
+        return "age"
+    return None
 
 
 def split_holdout(rows: Sequence[Labelled], fraction: float, seed: int) -> tuple[list[Labelled], list[Labelled]]:

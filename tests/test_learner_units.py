@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
 from torch import nn
 
 from learner.benchmark import StrategyResult, markdown_table
+from learner.config import ContinualConfig
 from learner.continual import ewc_plugin_class
-from learner.experience import split_holdout
+from learner.experience import split_holdout, trigger
 from learner.gate import SliceScore, decide
 from storage.labels import LabelRow
 from stream.labels import label_value, parse_label
@@ -173,3 +174,18 @@ def test_training_stops_at_the_time_budget_and_counts_its_steps() -> None:
 
     assert train(None) == (30, False)  # 3 epochs of 10 steps
     assert train(0.0) == (1, True)  # the budget is checked after every step; the remaining epochs are skipped
+
+
+def test_the_trigger_fires_on_count_on_age_and_on_demand_but_never_below_the_minimum() -> None:
+    cfg = ContinualConfig(trigger_labels=200, trigger_interval_s=3600, min_labels=50)
+    at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    fresh, stale = at - timedelta(minutes=5), at - timedelta(hours=1, seconds=1)
+    assert trigger(200, fresh, at, cfg) == "count"
+    assert trigger(199, fresh, at, cfg) is None
+    assert trigger(60, stale, at, cfg) == "age"
+    assert trigger(60, at - timedelta(seconds=3599), at, cfg) is None
+    assert trigger(60, fresh, at, cfg, manual=True) == "now"
+    # Too few labels for a held-out slice that means anything: not even --now or an old label forms one.
+    assert trigger(49, stale, at, cfg, manual=True) is None
+    # An interval of 0 switches the time trigger off.
+    assert trigger(60, stale, at, cfg.model_copy(update={"trigger_interval_s": 0})) is None
