@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from learner.adapters import AdapterStore
@@ -244,28 +244,12 @@ class SwapMetrics:
             ["task"],
             registry=registry,
         )
-        self.serving = Gauge(
-            "finpulse_scorer_model_version",
-            "Adapter version this scorer serves for each task (value 1).",
-            ["task", "version"],
-            registry=registry,
-        )
-        self._serving: dict[str, str] = {}
 
-    def declare(self, versions: Mapping[str, str]) -> None:
-        """Export the counters at 0 and the serving versions, before the first swap."""
-        for task, version in versions.items():
+    def declare(self) -> None:
+        """Export the counters at 0 for every task, before the first swap."""
+        for task in TASKS:
             self.swaps.labels(task=task)
             self.failures.labels(task=task)
-            self.set_serving(task, version)
-
-    def set_serving(self, task: str, version: str) -> None:
-        """Mark `version` as serving `task`, dropping the series of the version it replaced."""
-        old = self._serving.get(task)
-        if old is not None and old != version:
-            self.serving.remove(task, old)
-        self.serving.labels(task=task, version=version).set(1)
-        self._serving[task] = version
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -314,7 +298,7 @@ class ModelSwapper:
         # The first call reads every champion: the listener exists by then, so nothing falls in between.
         self._stale: set[Task] = set(TASKS)
         self._next_check = time.monotonic() + check_s
-        metrics.declare(classifier.versions)
+        metrics.declare()
 
     def between_batches(self) -> bool:
         """Swap in what finished loading and start loading changed champions; return True if a model changed."""
@@ -384,7 +368,6 @@ class ModelSwapper:
                 continue
             previous = self.classifier.swap(future.result())
             self.metrics.swaps.labels(task=task).inc()
-            self.metrics.set_serving(task, version)
             log.info("event=model_swapped task=%s version=%s previous=%s", task, version, previous)
             swapped = True
         return swapped

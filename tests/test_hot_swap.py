@@ -183,7 +183,6 @@ def test_swapper_loads_aside_and_swaps_between_batches(tmp_path: Path) -> None:
     swapper, store, loader, listener, registry = _swapper(tmp_path)
     assert not swapper.between_batches() and loader.calls == []  # serving the champion: nothing to load
     assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 0
-    assert registry.get_sample_value("finpulse_scorer_model_version", {"task": "sentiment", "version": "sentiment-v1"})
 
     loader.gate.clear()  # the load is slow: batches go on with the old version meanwhile
     store.set_champion("sentiment", "sentiment-v2")
@@ -196,10 +195,6 @@ def test_swapper_loads_aside_and_swaps_between_batches(tmp_path: Path) -> None:
     assert swapper.classifier.versions == {"sentiment": "sentiment-v2", "topic": "topic-v1"}
     assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 1
     assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "topic"}) == 0
-    serving = {"task": "sentiment", "version": "sentiment-v2"}
-    assert registry.get_sample_value("finpulse_scorer_model_version", serving) == 1
-    old = {"task": "sentiment", "version": "sentiment-v1"}
-    assert registry.get_sample_value("finpulse_scorer_model_version", old) is None
     swapper.close()
     assert listener.closed
 
@@ -480,8 +475,6 @@ def test_promotion_mid_stream_swaps_between_batches_and_loses_nothing(
     assert r.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 1
     assert r.get_sample_value("finpulse_model_swaps_total", {"task": "topic"}) == 0
     assert r.get_sample_value("finpulse_model_swap_failures_total", {"task": "sentiment"}) == 0
-    assert r.get_sample_value("finpulse_scorer_model_version", {"task": "sentiment", "version": "sentiment-v2"}) == 1
-    assert r.get_sample_value("finpulse_scorer_model_version", {"task": "sentiment", "version": "sentiment-v1"}) is None
     assert r.get_sample_value("finpulse_model_version_info", {"task": "sentiment", "version": "sentiment-v2"}) == 1
     assert r.get_sample_value("finpulse_model_version_info", {"task": "sentiment", "version": "sentiment-v1"}) is None
 
@@ -532,6 +525,6 @@ def test_broken_version_keeps_the_old_one_serving(
     assert classifier.versions["sentiment"] == "sentiment-v1"
     assert r.get_sample_value("finpulse_model_swap_failures_total", failures) == 1
     assert r.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 0
-    assert r.get_sample_value("finpulse_scorer_model_version", {"task": "sentiment", "version": "sentiment-v1"}) == 1
+    assert r.get_sample_value("finpulse_model_version_info", {"task": "sentiment", "version": "sentiment-v1"}) == 1
     errors = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert len(errors) == 1 and "sentiment-v2" in errors[0] and "\n" not in errors[0]
