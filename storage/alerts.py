@@ -18,7 +18,7 @@ import contextlib
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -28,7 +28,6 @@ import duckdb
 from storage.config import StorageConfig
 from storage.errors import StorageError
 from storage.history import History
-from storage.schema import migrate
 
 __all__ = [
     "AlertRecord",
@@ -458,38 +457,12 @@ class AlertStore:
             con.execute(_bulk_insert_sql("delivery_claims", _CLAIM_COLUMNS), [json.dumps(records, ensure_ascii=False)])
         return new
 
-    @contextlib.contextmanager
-    def _write(self, what: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Run one write transaction on a migrated file; leaving by an exception rolls it back."""
-        with self._history.session(read_only=False) as con:
-            try:
-                con.begin()
-                migrate(con)
-                yield con
-                con.commit()
-            except duckdb.Error as e:
-                # Closing the connection without a commit rolls the transaction back.
-                raise StorageError(f"{what} in {self.path} failed: {e}") from e
+    def _write(self, what: str) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        return self._history.transaction(what)
 
-    @contextlib.contextmanager
-    def _read(self, what: str) -> Iterator[duckdb.DuckDBPyConnection | None]:
-        """Open a read-only session, or yield None while the file or the alert tables do not exist yet."""
-        if not self.path.exists():
-            yield None
-            return
-        with self._history.session(read_only=True) as con:
-            try:
-                tables = {
-                    str(name)
-                    for (name,) in con.execute(
-                        "SELECT table_name FROM duckdb_tables() "
-                        "WHERE table_name IN ('subscriptions', 'delivery_claims')"
-                    ).fetchall()
-                }
-                # A file that only a scorer of schema v1 has written has no alert tables yet.
-                yield con if len(tables) == 2 else None
-            except duckdb.Error as e:
-                raise StorageError(f"{what} in {self.path} failed: {e}") from e
+    def _read(self, what: str) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection | None]:
+        # None while the file or the alert tables do not exist yet (a file of an older schema).
+        return self._history.reading(what, ("subscriptions", "delivery_claims"))
 
 
 def _bulk_insert_sql(table: str, columns: tuple[tuple[str, str], ...]) -> str:

@@ -229,9 +229,44 @@ class History:
         return self._path
 
     def session(self, *, read_only: bool) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
-        """Open the file for one unit of work under this history's locks, for other tables in the same file."""
-        # Public so that stores of other tables (storage.alerts) share the locking instead of copying it.
+        """Open the file for one unit of work under this history's locks (raw: no migration, no error wrapping)."""
+        # Stores of other tables use `transaction` and `reading`; this is for work that needs neither.
         return self._session(read_only=read_only)
+
+    @contextlib.contextmanager
+    def transaction(self, what: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Run one write transaction on a migrated file; leaving by an exception rolls it back.
+
+        For the stores of other tables in this file; `what` names the work in the one-line error.
+        """
+        with self._session(read_only=False) as con:
+            try:
+                con.begin()
+                migrate(con)
+                yield con
+                con.commit()
+            except duckdb.Error as e:
+                # Closing the connection without a commit rolls the transaction back.
+                raise StorageError(f"{what} in {self._path} failed: {e}") from e
+
+    @contextlib.contextmanager
+    def reading(self, what: str, tables: Sequence[str]) -> Iterator[duckdb.DuckDBPyConnection | None]:
+        """Open a read-only session, or yield None while the file or any of `tables` does not exist yet.
+
+        A file written only by an older finpulse lacks the newer tables; readers see "nothing yet", not an error.
+        """
+        if not self._path.exists():
+            yield None
+            return
+        with self._session(read_only=True) as con:
+            try:
+                found = con.execute(
+                    "SELECT count(DISTINCT table_name) FROM duckdb_tables() WHERE list_contains(?, table_name)",
+                    [list(tables)],
+                ).fetchone()
+                yield con if found is not None and found[0] == len(set(tables)) else None
+            except duckdb.Error as e:
+                raise StorageError(f"{what} in {self._path} failed: {e}") from e
 
     def ensure_schema(self) -> None:
         """Create the file and its tables, or migrate them, so that readers find them."""

@@ -17,7 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -26,7 +26,6 @@ import duckdb
 
 from storage.errors import StorageError
 from storage.history import History
-from storage.schema import migrate
 
 __all__ = [
     "EVENT_OUTCOMES",
@@ -280,34 +279,12 @@ class ModelVersionStore:
             records = con.execute("SELECT task, outcome, count(*) FROM model_events GROUP BY ALL").fetchall()
         return {(str(task), str(outcome)): int(count) for task, outcome, count in records}
 
-    @contextlib.contextmanager
-    def _write(self, what: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Run one write transaction on a migrated file; leaving by an exception rolls it back."""
-        with self._history.session(read_only=False) as con:
-            try:
-                con.begin()
-                migrate(con)
-                yield con
-                con.commit()
-            except duckdb.Error as e:
-                # Closing the connection without a commit rolls the transaction back.
-                raise StorageError(f"{what} in {self.path} failed: {e}") from e
+    def _write(self, what: str) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        return self._history.transaction(what)
 
-    @contextlib.contextmanager
-    def _read(self, what: str) -> Iterator[duckdb.DuckDBPyConnection | None]:
-        """Open a read-only session, or yield None while the file or the model tables do not exist yet."""
-        if not self.path.exists():
-            yield None
-            return
-        with self._history.session(read_only=True) as con:
-            try:
-                found = con.execute(
-                    "SELECT count(*) FROM duckdb_tables() WHERE table_name IN ('model_versions', 'model_events')"
-                ).fetchone()
-                # A file written only by a finpulse of schema v2 or older has no model tables yet.
-                yield con if found is not None and found[0] == 2 else None
-            except duckdb.Error as e:
-                raise StorageError(f"{what} in {self.path} failed: {e}") from e
+    def _read(self, what: str) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection | None]:
+        # None while the file or the model tables do not exist yet (a file of an older schema).
+        return self._history.reading(what, ("model_versions", "model_events"))
 
 
 def _check_event(outcome: str, source: str) -> None:
