@@ -17,7 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from learner.labels import SENTIMENTS, TOPICS
 from storage.labels import LabelRow, LabelStore
 from stream.config import TopicNames
-from stream.messages import MAX_ID_CHARS, Invalid, Reason, dead_letter, parse_timestamp
+from stream.messages import MAX_ID_CHARS, Invalid, Reason, dead_letter, decode_object, parse_timestamp
 from stream.scorer import next_offsets
 
 log = logging.getLogger(__name__)
@@ -27,17 +27,8 @@ MAX_LABELLER_CHARS = 128
 
 def parse_label(value: bytes | None, max_text_bytes: int) -> LabelRow | Invalid:
     """Validate one `news.labels` value against the contract."""
-    if value is None:
-        return Invalid(Reason.EMPTY, "message has no value (tombstone)")
-    try:
-        payload = json.loads(value.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return Invalid(Reason.NOT_UTF8, f"value is not UTF-8: {e.reason} at byte {e.start}")
-    except json.JSONDecodeError as e:
-        return Invalid(Reason.INVALID_JSON, f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}")
-    if not isinstance(payload, dict):
-        return Invalid(Reason.NOT_OBJECT, f"value must be a JSON object, got {type(payload).__name__}")
-    return _validate(payload, max_text_bytes)
+    payload = decode_object(value)
+    return payload if isinstance(payload, Invalid) else _validate(payload, max_text_bytes)
 
 
 def _validate(payload: dict[str, Any], max_text_bytes: int) -> LabelRow | Invalid:

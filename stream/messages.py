@@ -48,8 +48,8 @@ MAX_ID_CHARS = 256
 MAX_TICKERS = 64
 
 
-def parse_news(value: bytes | None, max_text_bytes: int) -> NewsItem | Invalid:
-    """Validate one `news.raw` value against the contract."""
+def decode_object(value: bytes | None) -> dict[str, Any] | Invalid:
+    """Decode a Kafka value that must be a UTF-8 JSON object (the envelope of every finpulse topic)."""
     if value is None:
         return Invalid(Reason.EMPTY, "message has no value (tombstone)")
     try:
@@ -62,7 +62,13 @@ def parse_news(value: bytes | None, max_text_bytes: int) -> NewsItem | Invalid:
         return Invalid(Reason.INVALID_JSON, f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}")
     if not isinstance(payload, dict):
         return Invalid(Reason.NOT_OBJECT, f"value must be a JSON object, got {type(payload).__name__}")
-    return _validate(payload, max_text_bytes)
+    return payload
+
+
+def parse_news(value: bytes | None, max_text_bytes: int) -> NewsItem | Invalid:
+    """Validate one `news.raw` value against the contract."""
+    payload = decode_object(value)
+    return payload if isinstance(payload, Invalid) else _validate(payload, max_text_bytes)
 
 
 def _validate(payload: dict[str, Any], max_text_bytes: int) -> NewsItem | Invalid:
