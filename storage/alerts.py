@@ -28,6 +28,7 @@ import duckdb
 from storage.config import StorageConfig
 from storage.errors import StorageError
 from storage.history import History
+from storage.schema import from_epoch_us, from_epoch_us_required
 
 __all__ = [
     "AlertRecord",
@@ -43,7 +44,6 @@ __all__ = [
     "SubscriptionRow",
 ]
 
-_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 ATTEMPT_OUTCOMES: Final[frozenset[str]] = frozenset({"delivered", "failed", "gave_up"})
 # Outcomes that close a claim; "cancelled" closes the open claims of a removed subscription.
 _FINAL_OUTCOMES: Final[frozenset[str]] = frozenset({"delivered", "gave_up"})
@@ -408,8 +408,8 @@ class AlertStore:
                 evidence=row[8],
                 labels=json.loads(row[9]) if row[9] else {},
                 annotations=json.loads(row[10]) if row[10] else {},
-                starts_at=_from_epoch_us(row[11]),
-                ends_at=_from_epoch_us(row[12]),
+                starts_at=from_epoch_us(row[11]),
+                ends_at=from_epoch_us(row[12]),
                 generator_url=row[13],
             )
             claims.append(
@@ -423,7 +423,7 @@ class AlertStore:
             return []
         fingerprints = sorted({claim.key.fingerprint for claim in wanted})
         existing = {
-            DeliveryKey(str(fp), str(status), _from_epoch_us_required(starts), int(sub))
+            DeliveryKey(str(fp), str(status), from_epoch_us_required(starts), int(sub))
             for fp, status, starts, sub in con.execute(
                 "SELECT fingerprint, status, epoch_us(starts_at), subscription_id FROM delivery_claims "
                 "WHERE fingerprint IN (SELECT unnest(from_json(?, '[\"VARCHAR\"]')))",
@@ -513,20 +513,6 @@ def _subscription(row: Sequence[Any]) -> SubscriptionRow:
         topics=tuple(row[3] or ()),
         tickers=tuple(row[4] or ()),
         min_severity=str(row[5]),
-        created_at=_from_epoch_us_required(row[6]),
+        created_at=from_epoch_us_required(row[6]),
         active=bool(row[7]),
     )
-
-
-def _from_epoch_us(value: object) -> dt.datetime | None:
-    """Return a UTC datetime from epoch microseconds, or None for NULL."""
-    # Timestamps are selected as epoch microseconds: handing out TIMESTAMPTZ values needs pytz.
-    return _EPOCH + dt.timedelta(microseconds=value) if isinstance(value, int) else None
-
-
-def _from_epoch_us_required(value: object) -> dt.datetime:
-    """Return a UTC datetime from epoch microseconds of a NOT NULL column."""
-    found = _from_epoch_us(value)
-    if found is None:
-        raise StorageError(f"expected a timestamp, got {value!r}")
-    return found

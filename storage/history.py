@@ -44,11 +44,10 @@ from rich.text import Text
 
 from storage.config import StorageConfig
 from storage.errors import QueryError, StorageError, StoreLockedError
-from storage.schema import NEWS_COLUMN_NAMES, TIMESTAMP_COLUMNS, json_structure, migrate
+from storage.schema import NEWS_COLUMN_NAMES, TIMESTAMP_COLUMNS, from_epoch_us, json_structure, migrate
 
 __all__ = ["History", "NewsRow", "QueryResult", "WriteResult"]
 
-_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _PROBABILITY_FIELDS: Final = (
     "topic_confidence",
     "sentiment_confidence",
@@ -514,7 +513,7 @@ def _news_row(record: tuple[object, ...]) -> NewsRow:
     values: dict[str, Any] = {}
     for name, value in zip(NEWS_COLUMN_NAMES, record, strict=True):
         if name in TIMESTAMP_COLUMNS and isinstance(value, int):
-            values[name] = _EPOCH + dt.timedelta(microseconds=value)
+            values[name] = from_epoch_us(value)
         elif name == "tickers":
             values[name] = tuple(value) if isinstance(value, list) else ()
         else:

@@ -26,13 +26,13 @@ import duckdb
 
 from storage.errors import StorageError
 from storage.history import History
+from storage.schema import from_epoch_us, from_epoch_us_required
 
 __all__ = ["Experience", "ExperienceNotFoundError", "LabelRow", "LabelStore", "LabelTask", "Split"]
 
 LabelTask = Literal["sentiment", "topic"]
 Split = Literal["train", "holdout"]
 
-_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _TASKS: Final[frozenset[str]] = frozenset({"sentiment", "topic"})
 _SPLITS: Final[frozenset[str]] = frozenset({"train", "holdout"})
 _LABEL_STRUCTURE: Final = json.dumps(
@@ -185,7 +185,7 @@ class LabelStore:
                 text=r[1],
                 sentiment=r[2],
                 topic=r[3],
-                labelled_at=_required_time(r[4]),
+                labelled_at=from_epoch_us_required(r[4]),
                 labeller=r[5],
                 kafka_topic=r[6],
                 kafka_partition=r[7],
@@ -212,7 +212,7 @@ class LabelStore:
             found = con.execute(
                 f"{_pending_sql(task)} SELECT epoch_us(min(labelled_at)) FROM pending", [task]
             ).fetchone()
-        return _time(found[0]) if found is not None else None
+        return from_epoch_us(found[0]) if found is not None else None
 
     def create_experience(
         self,
@@ -266,8 +266,8 @@ class LabelStore:
                 "AND id IN (SELECT unnest(from_json(?, '[\"VARCHAR\"]')))",
                 [ids_json],
             ).fetchone()
-            span_start = _time(span[0]) if span is not None else None
-            span_end = _time(span[1]) if span is not None else None
+            span_start = from_epoch_us(span[0]) if span is not None else None
+            span_end = from_epoch_us(span[1]) if span is not None else None
             con.execute(
                 "INSERT INTO experiences VALUES (?, ?, CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ), "
                 "CAST(? AS TIMESTAMPTZ), ?, ?, 'open', NULL)",
@@ -382,25 +382,11 @@ def _experience(record: Sequence[Any]) -> Experience:
     return Experience(
         id=int(record[0]),
         task=str(record[1]),
-        created_at=_required_time(record[2]),
-        span_start=_time(record[3]),
-        span_end=_time(record[4]),
+        created_at=from_epoch_us_required(record[2]),
+        span_start=from_epoch_us(record[3]),
+        span_end=from_epoch_us(record[4]),
         n_train=int(record[5]),
         n_holdout=int(record[6]),
         status=str(record[7]),
         version=None if record[8] is None else str(record[8]),
     )
-
-
-def _time(value: object) -> dt.datetime | None:
-    """Return a UTC datetime from epoch microseconds, or None for NULL."""
-    # Timestamps are selected as epoch microseconds: handing out TIMESTAMPTZ values needs pytz.
-    return _EPOCH + dt.timedelta(microseconds=value) if isinstance(value, int) else None
-
-
-def _required_time(value: object) -> dt.datetime:
-    """Return a UTC datetime from epoch microseconds of a NOT NULL column."""
-    found = _time(value)
-    if found is None:
-        raise StorageError(f"expected a timestamp, got {value!r}")
-    return found

@@ -26,6 +26,7 @@ import duckdb
 
 from storage.errors import StorageError
 from storage.history import History
+from storage.schema import from_epoch_us, from_epoch_us_required
 
 __all__ = [
     "EVENT_OUTCOMES",
@@ -41,7 +42,6 @@ VERSION_STATUSES: Final[frozenset[str]] = frozenset({"candidate", "champion", "r
 EVENT_OUTCOMES: Final[tuple[str, ...]] = ("promoted", "rejected", "rolled_back")
 EVENT_SOURCES: Final[frozenset[str]] = frozenset({"learner", "cli"})
 
-_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NUMBER: Final = re.compile(r"-v(\d+)$")
 _VERSION_SELECT: Final = (
     "SELECT version, task, parent, epoch_us(created_at), experience_id, epoch_us(span_start), epoch_us(span_end), "
@@ -260,7 +260,7 @@ class ModelVersionStore:
             records = con.execute(f"{_EVENT_SELECT}{where} ORDER BY event_at, rowid", params).fetchall()
         return [
             ModelEvent(
-                at=_required_time(r[0]),
+                at=from_epoch_us_required(r[0]),
                 task=str(r[1]),
                 version=str(r[2]),
                 outcome=str(r[3]),
@@ -324,14 +324,14 @@ def _version_row(record: Sequence[Any]) -> VersionRow:
         version=str(record[0]),
         task=str(record[1]),
         parent=None if record[2] is None else str(record[2]),
-        created_at=_required_time(record[3]),
+        created_at=from_epoch_us_required(record[3]),
         experience_id=None if record[4] is None else int(record[4]),
-        span_start=_time(record[5]),
-        span_end=_time(record[6]),
+        span_start=from_epoch_us(record[5]),
+        span_end=from_epoch_us(record[6]),
         metrics=metrics if isinstance(metrics, dict) else {},
         status=str(record[8]),
         reason=None if record[9] is None else str(record[9]),
-        status_at=_required_time(record[10]),
+        status_at=from_epoch_us_required(record[10]),
     )
 
 
@@ -344,17 +344,3 @@ def _number(version: str) -> int:
 def _iso(value: dt.datetime | None) -> str | None:
     """Return an ISO 8601 string for SQL to cast, or None."""
     return None if value is None else value.isoformat()
-
-
-def _time(value: object) -> dt.datetime | None:
-    """Return a UTC datetime from epoch microseconds, or None for NULL."""
-    # Timestamps are selected as epoch microseconds: handing out TIMESTAMPTZ values needs pytz.
-    return _EPOCH + dt.timedelta(microseconds=value) if isinstance(value, int) else None
-
-
-def _required_time(value: object) -> dt.datetime:
-    """Return a UTC datetime from epoch microseconds of a NOT NULL column."""
-    found = _time(value)
-    if found is None:
-        raise StorageError(f"expected a timestamp, got {value!r}")
-    return found

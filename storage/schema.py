@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Final
@@ -267,3 +268,20 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
             [migration.version, migration.description],
         )
     return SCHEMA_VERSION
+
+
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def from_epoch_us(value: object) -> dt.datetime | None:
+    """Return a UTC datetime from epoch microseconds, or None for NULL."""
+    # Timestamps are selected as epoch microseconds: handing out TIMESTAMPTZ values needs pytz.
+    return _EPOCH + dt.timedelta(microseconds=value) if isinstance(value, int) else None
+
+
+def from_epoch_us_required(value: object) -> dt.datetime:
+    """Return a UTC datetime from epoch microseconds of a NOT NULL column."""
+    found = from_epoch_us(value)
+    if found is None:
+        raise StorageError(f"expected a timestamp, got {value!r}")
+    return found
