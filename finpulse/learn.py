@@ -160,6 +160,8 @@ class Learner:
     def _form(self, task: Task, now: bool) -> Experience | None:
         cfg = self.config.learner
         count = self.labels.pending_count(task)
+        if count < cfg.min_labels:
+            return None  # the common idle case: spare the second read of the file every poll
         fired = trigger(count, self.labels.oldest_pending(task), datetime.now(UTC), cfg, manual=now)
         if fired is None:
             return None
