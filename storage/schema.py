@@ -41,7 +41,11 @@ NEWS_COLUMN_NAMES: Final[tuple[str, ...]] = tuple(name for name, _ in NEWS_COLUM
 TIMESTAMP_COLUMNS: Final[frozenset[str]] = frozenset(
     name for name, sql_type in NEWS_COLUMNS if sql_type == "TIMESTAMPTZ"
 )
-_NULLABLE: Final[frozenset[str]] = frozenset({"kafka_topic", "kafka_partition", "kafka_offset"})
+# `source` is optional in the news.raw contract (stream.messages.OPTIONAL_FIELDS; a test keeps the two in step);
+# `tickers` is optional too but stored as an empty list. The Kafka coordinates are absent for rows written by tools.
+NULLABLE_NEWS_COLUMNS: Final[frozenset[str]] = frozenset({"source", "kafka_topic", "kafka_partition", "kafka_offset"})
+# Schema v1 shipped `source` as NOT NULL; its DDL stays as shipped and migration v4 relaxes it.
+_NULLABLE_V1: Final[frozenset[str]] = frozenset({"kafka_topic", "kafka_partition", "kafka_offset"})
 
 
 def _news_ddl() -> str:
@@ -53,7 +57,7 @@ def _news_ddl() -> str:
     # instead, inside a transaction that runs while DuckDB's exclusive write lock is held.
     lines = []
     for name, sql_type in NEWS_COLUMNS:
-        constraint = "" if name in _NULLABLE else " NOT NULL"
+        constraint = "" if name in _NULLABLE_V1 else " NOT NULL"
         lines.append(f"    {name} {sql_type}{constraint}")
     return "CREATE TABLE news (\n" + ",\n".join(lines) + "\n)"
 
@@ -230,6 +234,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         version=3,
         description="labels, experiences and model versions",
         statements=_LEARNER_TABLES_DDL,
+    ),
+    Migration(
+        version=4,
+        description="news.source is optional, as the news.raw contract says",
+        statements=tuple(
+            f"ALTER TABLE news ALTER COLUMN {name} DROP NOT NULL"
+            for name in sorted(NULLABLE_NEWS_COLUMNS - _NULLABLE_V1)
+        ),
     ),
 )
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 
 class Reason(StrEnum):
@@ -22,6 +24,10 @@ class Reason(StrEnum):
     OVERSIZED = "oversized"
     BAD_TIMESTAMP = "bad_timestamp"
     UNKNOWN_LABEL = "unknown_label"
+    BAD_CHARACTERS = "bad_characters"
+    BAD_TICKER = "bad_ticker"
+    # Anything that raised while handling one record: the record is set aside, the stream goes on.
+    UNPROCESSABLE = "unprocessable"
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,16 @@ class Invalid:
     detail: str
 
 
+def unprocessable(error: BaseException) -> Invalid:
+    """Describe an unexpected exception raised while handling one record, for its dead letter."""
+    message = str(error)
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + "…"
+    return Invalid(Reason.UNPROCESSABLE, f"{type(error).__name__}: {message}")
+
+
+# A dead letter names the exception, it is not a log: a bound keeps one odd message from bloating the topic.
+MAX_ERROR_CHARS = 500
 # Ids are keys and primary keys: a bound keeps one bad producer from bloating indexes.
 MAX_ID_CHARS = 256
 MAX_TICKERS = 64
@@ -60,6 +76,12 @@ def decode_object(value: bytes | None) -> dict[str, Any] | Invalid:
         payload = json.loads(decoded)
     except json.JSONDecodeError as e:
         return Invalid(Reason.INVALID_JSON, f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    except RecursionError:
+        # The stdlib parser recurses per nesting level; a 100,000-deep value would otherwise escape as an error.
+        return Invalid(Reason.INVALID_JSON, "value is nested too deeply to be a news object")
+    except ValueError as e:
+        # e.g. an integer past Python's 4,300-digit conversion limit.
+        return Invalid(Reason.INVALID_JSON, f"value is not acceptable JSON: {str(e)[:120]}")
     if not isinstance(payload, dict):
         return Invalid(Reason.NOT_OBJECT, f"value must be a JSON object, got {type(payload).__name__}")
     return payload
@@ -71,11 +93,55 @@ def parse_news(value: bytes | None, max_text_bytes: int) -> NewsItem | Invalid:
     return payload if isinstance(payload, Invalid) else _validate(payload, max_text_bytes)
 
 
+# The contract, once: which fields a `news.raw` value may carry and which are required. The history's schema
+# takes its NULL-ability from here (storage must not contradict it), and tests check both against the README.
+REQUIRED_FIELDS: Final = ("id", "text", "published_at")
+OPTIONAL_FIELDS: Final = ("source", "tickers")
+
+# Characters that show nothing: a text made only of these (zero-width spaces, BOMs, controls) says nothing.
+_INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
+# In identifiers (id, source, tickers) no control or format character is meaningful: NUL, newlines, bidi marks.
+_CONTROL_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs"})
+# Texts are tweets and headlines: tabs and line breaks are normal, other C0/C1 controls (NUL...) are not.
+_TEXT_CONTROLS_ALLOWED: Final = frozenset("\t\n\r")
+# A ticker is a symbol: letters, digits and the separators exchanges use (BRK.B, BTC-USD, ES=F, ^GSPC, 600519.SS).
+_TICKER: Final = re.compile(r"^[^\W_][\w.\-=^/:&]{0,31}$")
+MAX_SOURCE_CHARS = 256
+
+
+def _encodable(value: str) -> bool:
+    """Return False for strings that UTF-8 cannot carry (lone surrogates from `\\ud800` escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_characters(name: str, value: str, *, text: bool = False) -> Invalid | None:
+    """Refuse lone surrogates everywhere, and control characters where they cannot mean anything."""
+    if not _encodable(value):
+        return Invalid(Reason.BAD_CHARACTERS, f"{name!r} holds a lone UTF-16 surrogate, which UTF-8 cannot carry")
+    for char in value:
+        category = unicodedata.category(char)
+        if text:
+            if category == "Cc" and char not in _TEXT_CONTROLS_ALLOWED:
+                return Invalid(Reason.BAD_CHARACTERS, f"{name!r} holds the control character U+{ord(char):04X}")
+        elif category in _CONTROL_CATEGORIES:
+            return Invalid(Reason.BAD_CHARACTERS, f"{name!r} holds the control character U+{ord(char):04X}")
+    return None
+
+
+def _visible(text: str) -> bool:
+    """Return True when `text` has at least one character that shows."""
+    return any(not char.isspace() and unicodedata.category(char) not in _INVISIBLE_CATEGORIES for char in text)
+
+
 def _validate(payload: dict[str, Any], max_text_bytes: int) -> NewsItem | Invalid:
-    for name in ("id", "text", "published_at"):
+    for name in REQUIRED_FIELDS:
         if name not in payload or payload[name] is None:
             return Invalid(Reason.MISSING_FIELD, f"required field {name!r} is missing")
-    for name in ("id", "text", "published_at"):
+    for name in REQUIRED_FIELDS:
         if not isinstance(payload[name], str):
             return Invalid(Reason.WRONG_TYPE, f"{name!r} must be a string, got {type(payload[name]).__name__}")
     item_id, text = payload["id"].strip(), payload["text"]
@@ -83,29 +149,66 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> NewsItem | Invali
         return Invalid(Reason.EMPTY, "'id' is empty")
     if len(item_id) > MAX_ID_CHARS:
         return Invalid(Reason.OVERSIZED, f"'id' has {len(item_id)} characters, the limit is {MAX_ID_CHARS}")
-    if not text.strip():
-        return Invalid(Reason.EMPTY, "'text' is empty")
+    refused = _bad_characters("id", item_id) or _bad_characters("text", text, text=True)
+    if refused is not None:
+        return refused
     size = len(text.encode("utf-8"))
     if size > max_text_bytes:
         return Invalid(Reason.OVERSIZED, f"'text' has {size} bytes, the limit is {max_text_bytes}")
+    if not _visible(text):
+        return Invalid(Reason.EMPTY, "'text' is empty (nothing but spaces, controls or zero-width characters)")
     published = parse_timestamp(payload["published_at"])
     if published is None:
-        return Invalid(Reason.BAD_TIMESTAMP, f"'published_at' is not RFC 3339: {payload['published_at'][:64]!r}")
-    source = payload.get("source")
-    if source is not None and not isinstance(source, str):
+        shown = payload["published_at"][:64].encode("utf-8", "backslashreplace").decode("utf-8")
+        return Invalid(Reason.BAD_TIMESTAMP, f"'published_at' is not an RFC 3339 time in range: {shown!r}")
+    source = _source(payload.get("source"))
+    if isinstance(source, Invalid):
+        return source
+    tickers = _tickers(payload.get("tickers"))
+    if isinstance(tickers, Invalid):
+        return tickers
+    return NewsItem(item_id, text, published, source, tickers)
+
+
+def _source(source: object) -> str | None | Invalid:
+    """Validate the optional `source`: absent, null and blank all mean "no source"."""
+    if source is None:
+        return None
+    if not isinstance(source, str):
         return Invalid(Reason.WRONG_TYPE, f"'source' must be a string, got {type(source).__name__}")
-    tickers = payload.get("tickers")
+    source = source.strip()
+    if len(source) > MAX_SOURCE_CHARS:
+        return Invalid(Reason.OVERSIZED, f"'source' has {len(source)} characters, the limit is {MAX_SOURCE_CHARS}")
+    refused = _bad_characters("source", source)
+    if refused is not None:
+        return refused
+    return source or None
+
+
+def _tickers(tickers: object) -> tuple[str, ...] | Invalid:
+    """Validate the optional `tickers`: absent and null mean none; each entry must be a symbol."""
     if tickers is None:
-        tickers = []
+        return ()
     if not isinstance(tickers, list) or not all(isinstance(t, str) for t in tickers):
         return Invalid(Reason.WRONG_TYPE, "'tickers' must be a list of strings")
     if len(tickers) > MAX_TICKERS:
         return Invalid(Reason.OVERSIZED, f"'tickers' has {len(tickers)} entries, the limit is {MAX_TICKERS}")
-    return NewsItem(item_id, text, published, source, tuple(t.strip().upper().lstrip("$") for t in tickers))
+    normalised: list[str] = []
+    for raw in tickers:
+        refused = _bad_characters("tickers", raw)
+        if refused is not None:
+            return refused
+        ticker = raw.strip().upper().lstrip("$")
+        if not _TICKER.match(ticker):
+            shown = raw[:40]
+            return Invalid(Reason.BAD_TICKER, f"'tickers' entry {shown!r} is not a symbol (letters, digits, .-=^/:&)")
+        if ticker not in normalised:
+            normalised.append(ticker)
+    return tuple(normalised)
 
 
 def parse_timestamp(value: str) -> datetime | None:
-    """Parse RFC 3339 with an offset into UTC; None when it is not."""
+    """Parse RFC 3339 with an offset into UTC; None when it is not, or falls outside what UTC can hold."""
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -113,31 +216,44 @@ def parse_timestamp(value: str) -> datetime | None:
     # RFC 3339 requires an offset; a naive time would be guessed, so it is refused.
     if parsed.tzinfo is None:
         return None
-    return parsed.astimezone(UTC)
+    try:
+        # 0001-01-01T00:00:00+05:00 is a valid string whose UTC instant falls before year 1.
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None
+
+
+# A dead letter must fit the broker's default message limit (1 MB) even for a raw value near that limit, which
+# base64 would grow by a third: past this many bytes the raw value is cut, and `raw_bytes` keeps its size.
+MAX_DEAD_LETTER_RAW_BYTES = 256 * 1024
 
 
 def dead_letter(value: bytes | None, invalid: Invalid, topic: str, partition: int, offset: int) -> bytes:
-    """Build the `news.dlq` record: the reason, where it came from, and the original bytes."""
+    """Build the `news.dlq` record: the reason, where it came from, and the original bytes (cut past 256 KiB)."""
     raw: str | None
     encoding = "utf-8"
-    if value is None:
+    kept = value[:MAX_DEAD_LETTER_RAW_BYTES] if value is not None else None
+    if kept is None:
         raw = None
     else:
         try:
-            raw = value.decode("utf-8")
+            raw = kept.decode("utf-8")
         except UnicodeDecodeError:
-            raw, encoding = base64.b64encode(value).decode("ascii"), "base64"
+            raw, encoding = base64.b64encode(kept).decode("ascii"), "base64"
     record = {
         "error": f"{invalid.reason.value}: {invalid.detail}",
         "reason": invalid.reason.value,
         "raw": raw,
         "raw_encoding": encoding,
+        "raw_bytes": None if value is None else len(value),
+        "raw_truncated": value is not None and len(value) > MAX_DEAD_LETTER_RAW_BYTES,
         "topic": topic,
         "partition": partition,
         "offset": offset,
         "dead_lettered_at": datetime.now(UTC).isoformat(),
     }
-    return json.dumps(record, ensure_ascii=False).encode("utf-8")
+    # backslashreplace: a detail quoting a lone surrogate must still encode.
+    return json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 def news_value(item: NewsItem) -> bytes:
