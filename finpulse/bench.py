@@ -33,7 +33,8 @@ from monitor.metrics import ScorerMetrics
 from storage import History, StorageConfig
 from stream.admin import delete_topics, ensure_topics
 from stream.messages import NewsItem, parse_news
-from stream.scorer import Scorer, _row, scored_value
+from stream.scorer import Scorer
+from stream.sinks import Scored, news_row, scored_value
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,9 @@ class PipelineBaseline:
                     self.models["sentiment"].version,
                     self.models["topic"].version,
                 )
-                futures.append(
-                    self.producer.send(
-                        self.scored_topic, key=item.id.encode(), value=scored_value(item, prediction, now)
-                    )
-                )
-                rows.append(_row(record, item, prediction, now))
+                scored = Scored(record, item, prediction, now)
+                futures.append(self.producer.send(self.scored_topic, key=item.id.encode(), value=scored_value(scored)))
+                rows.append(news_row(scored))
             self.producer.flush()
             for future in futures:
                 future.get(timeout=30)

@@ -83,7 +83,29 @@ class ScorerMetrics:
             registry=r,
         )
         self.last_batch = Gauge(
-            "finpulse_last_batch_timestamp_seconds", "Unix time the last batch was committed.", registry=r
+            "finpulse_last_batch_timestamp_seconds", "Unix time the last batch was handled.", registry=r
+        )
+        # Starts at the process's start, so that ScorerStalled measures "no commit for N s" from there.
+        self.last_commit = Gauge(
+            "finpulse_last_commit_timestamp_seconds",
+            "Unix time this scorer last committed offsets (its start time until the first commit).",
+            registry=r,
+        )
+        self.last_commit.set_to_current_time()
+        self.retries = Counter(
+            "finpulse_stage_retries", "Batch stages retried after a failure, by stage.", ["stage"], registry=r
+        )
+        self.paused = Gauge(
+            "finpulse_scorer_paused",
+            "1 while consumption is paused because a stage's server is down, by stage.",
+            ["stage"],
+            registry=r,
+        )
+        self.paused_seconds = Counter(
+            "finpulse_scorer_paused_seconds", "Seconds spent paused for an outage, by stage.", ["stage"], registry=r
+        )
+        self.broker_up = Gauge(
+            "finpulse_broker_up", "1 while the Kafka cluster answers this scorer's lag checks.", registry=r
         )
         self._versions: dict[str, str] = {}
 
@@ -99,6 +121,13 @@ class ScorerMetrics:
         for ticker in tickers:
             for sentiment in sentiments:
                 self.ticker_scored.labels(ticker=ticker, sentiment=sentiment)
+
+    def declare_stages(self, stages: Iterable[str]) -> None:
+        """Export the retry and pause series of every stage at 0, so that `increase()` sees the first one."""
+        for stage in stages:
+            self.retries.labels(stage=stage)
+            self.paused.labels(stage=stage).set(0)
+            self.paused_seconds.labels(stage=stage)
 
     def set_versions(self, versions: dict[str, str]) -> None:
         """Expose the serving versions, dropping the series of versions no longer served."""

@@ -1,9 +1,21 @@
 """Typed configuration of Kafka I/O and the scorer service."""
 
+from __future__ import annotations
+
 import json
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_ASSIGNORS: dict[str, Any] = {
+    "cooperative-sticky": CooperativeStickyAssignor,
+    "range": RangePartitionAssignor,
+    "roundrobin": RoundRobinPartitionAssignor,
+}
 
 
 class TopicNames(BaseModel):
@@ -88,6 +100,60 @@ class ScorerConfig(BaseModel):
         description="Seconds between re-reads of the CHAMPION files, to follow a champion change whose "
         "model.updates message was missed; 0 = follow the messages only.",
     )
+
+    # A dead member's partitions wait for its session to time out: 6 s is the broker's default minimum
+    # (group.min.session.timeout.ms), and kafka-python's 45 s default measured a 45 s stall per SIGKILL.
+    session_timeout_ms: int = Field(
+        6_000,
+        ge=1_000,
+        le=300_000,
+        description="How long the group waits for a silent scorer before moving its partitions "
+        "(the broker's group.min.session.timeout.ms bounds it from below).",
+    )
+    heartbeat_interval_ms: int = Field(
+        1_000, ge=100, le=100_000, description="Heartbeats to the group coordinator; a third of the session or less."
+    )
+    group_instance_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=249,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Static membership (KIP-345): a stable, unique name per scorer (e.g. the pod name, env "
+        "FINPULSE_SCORER__GROUP_INSTANCE_ID) lets a restarted scorer take its partitions back without a "
+        "rebalance. Unset: dynamic membership.",
+    )
+    assignment: Literal["cooperative-sticky", "range", "roundrobin"] = Field(
+        "cooperative-sticky",
+        description="Partition assignment: cooperative-sticky moves only the partitions that change owner, "
+        "so the other scorers keep scoring through a rebalance.",
+    )
+
+    lag_interval_s: float = Field(
+        5.0,
+        ge=0.1,
+        le=3_600,
+        description="Seconds between reads of this scorer's consumer lag from the broker (on its own thread).",
+    )
+
+    def group_settings(self) -> dict[str, Any]:
+        """Return the kafka-python consumer settings of group membership."""
+        settings: dict[str, Any] = {
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": self.heartbeat_interval_ms,
+            "partition_assignment_strategy": [_ASSIGNORS[self.assignment]],
+        }
+        if self.group_instance_id is not None:
+            settings["group_instance_id"] = self.group_instance_id
+        return settings
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> ScorerConfig:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be at most a third of "
+                f"session_timeout_ms ({self.session_timeout_ms}): lower it or raise the session timeout"
+            )
+        return self
 
     @field_validator("watchlist", mode="before")
     @classmethod

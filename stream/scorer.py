@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -13,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from learner.adapters import AdapterStore
@@ -21,13 +20,20 @@ from learner.config import ModelConfig
 from learner.labels import Task
 from learner.model import Classifier, Prediction, TaskModel
 from monitor.metrics import ScorerMetrics
-from storage import History, NewsRow
+from storage import History
 from stream.config import KafkaConfig, ScorerConfig, TopicNames
+from stream.containment import Containment, Stopping
 from stream.errors import StreamError
-from stream.messages import Invalid, NewsItem, dead_letter, parse_news
+from stream.lag import LagMonitor
+from stream.messages import Invalid, NewsItem, dead_letter, parse_news, unprocessable
+from stream.sinks import HistorySink, Scored, ScoredTopicSink, Sink
 from stream.updates import ModelSwapper, SwapMetrics, UpdateListener
 
 log = logging.getLogger(__name__)
+
+# An outage (storage or broker down) is re-probed after 1 s, then less and less often, at most every 15 s.
+_OUTAGE_FIRST_S = 1.0
+_OUTAGE_MAX_S = 15.0
 
 # kafka-python's ConsumerRecord; typed loosely because the library ships no annotations.
 Record = Any
@@ -65,30 +71,11 @@ class BatchOutcome:
     duplicates: int
 
 
-def scored_value(item: NewsItem, prediction: Prediction, scored_at: datetime) -> bytes:
-    """Encode the `news.scored` record of one item."""
-    return json.dumps(
-        {
-            "id": item.id,
-            "published_at": item.published_at.isoformat(),
-            "source": item.source,
-            "tickers": list(item.tickers),
-            "text": item.text,
-            "topic": prediction.topic,
-            "topic_confidence": round(prediction.topic_confidence, 6),
-            "sentiment": prediction.sentiment,
-            "sentiment_confidence": round(prediction.sentiment_confidence, 6),
-            "sentiment_scores": {k: round(v, 6) for k, v in prediction.sentiment_scores.items()},
-            "versions": {"sentiment": prediction.sentiment_version, "topic": prediction.topic_version},
-            "scored_at": scored_at.isoformat(),
-        },
-        ensure_ascii=False,
-    ).encode("utf-8")
-
-
 class Scorer:
-    """One member of the scorer consumer group.
+    """One member of the scorer consumer group: consume → parse → infer → sinks → commit.
 
+    Nothing a record does stops it: a record that fails to parse, or makes any later stage raise on its own,
+    is dead-lettered with the reason; a stage whose server is down pauses consumption until it is back.
     Given `model_config`, it follows the champion adapters while it runs (model.updates, and the CHAMPION
     files every `champion_check_s`); without it, it serves the classifier's versions until restarted.
     """
@@ -102,6 +89,7 @@ class Scorer:
         history: History,
         metrics: ScorerMetrics,
         model_config: ModelConfig | None = None,
+        sinks: Sequence[Sink] | None = None,
     ) -> None:
         self.topics = topics
         self.config = config
@@ -109,17 +97,19 @@ class Scorer:
         self.history = history
         self.metrics = metrics
         self.stats = ScorerStats()
+        self.bootstrap_servers = bootstrap_servers
         try:
             self.consumer = KafkaConsumer(
                 topics.raw,
                 bootstrap_servers=bootstrap_servers,
                 group_id=config.group_id,
                 client_id=f"finpulse-scorer-{threading.get_native_id()}",
-                enable_auto_commit=False,  # offsets move only after a batch is produced and stored
+                enable_auto_commit=False,  # offsets move only after a batch is in every sink
                 auto_offset_reset="earliest",
                 max_poll_records=config.max_batch,
                 # A slow CPU batch must not get the member evicted mid-batch.
                 max_poll_interval_ms=600_000,
+                **config.group_settings(),
             )
             self.producer = KafkaProducer(
                 bootstrap_servers=bootstrap_servers,
@@ -130,10 +120,21 @@ class Scorer:
             )
         except KafkaError as e:
             raise StreamError(f"cannot connect to Kafka at {bootstrap_servers}: {e}") from e
+        self.sinks: list[Sink] = (
+            list(sinks)
+            if sinks is not None
+            else [ScoredTopicSink(self.producer, topics.scored, bootstrap_servers), HistorySink(history)]
+        )
+        self._contain = Containment(self._wait_until_up, on_retry=self._count_retry)
+        self._stop = threading.Event()
         metrics.set_versions(classifier.versions)
         models = classifier.models
         metrics.declare(models["topic"].labels, models["sentiment"].labels, config.watchlist)
+        metrics.declare_stages([sink.name for sink in self.sinks] + ["dedupe", "model", "dlq", "commit"])
         self._inference_batch = config.inference_batch or (512 if classifier.device.type == "cuda" else 32)
+        self.lag = LagMonitor(
+            bootstrap_servers, config.group_id, self.consumer.assignment, metrics, config.lag_interval_s
+        )
         self.swapper: ModelSwapper | None = None
         if model_config is not None:
             try:
@@ -142,6 +143,7 @@ class Scorer:
                 self.producer.close(timeout=10)
                 self.consumer.close()
                 raise
+        self.lag.start()
 
     def _model_swapper(self, bootstrap_servers: str, model_config: ModelConfig) -> ModelSwapper:
         store = AdapterStore(model_config.adapters_dir)
@@ -157,9 +159,14 @@ class Scorer:
 
     def close(self) -> None:
         """Leave the group and flush; uncommitted records go to the next owner."""
+        self._stop.set()
         try:
+            self.lag.close()
             self.producer.flush(timeout=10)
         finally:
+            for sink in self.sinks:
+                with contextlib.suppress(Exception):
+                    sink.close()
             if self.swapper is not None:
                 self.swapper.close()
             self.producer.close(timeout=10)
@@ -167,13 +174,17 @@ class Scorer:
 
     def run(self, stop: threading.Event, until: Callable[[ScorerStats], bool] | None = None) -> ScorerStats:
         """Score until `stop` is set or `until(stats)` holds."""
+        self._stop = stop
         while not stop.is_set():
             records = self._gather(stop)
             # Models change only here, between batches: every batch is scored, and its rows named, by one version.
             if self.swapper is not None and self.swapper.between_batches():
                 self.metrics.set_versions(self.classifier.versions)
             if records:
-                self.handle(records)
+                try:
+                    self.handle(records)
+                except Stopping:
+                    break  # asked to stop during an outage: the batch is not committed, its next owner replays it
             if until is not None and until(self.stats):
                 break
         return self.stats
@@ -201,57 +212,150 @@ class Scorer:
         return records
 
     def handle(self, records: Sequence[Record]) -> BatchOutcome:
-        """Score one batch, produce its outputs, store it, and commit its offsets."""
+        """Score one batch, write it to every sink, dead-letter what cannot be handled, and commit its offsets."""
         started = time.perf_counter()
+        refused: list[tuple[Record, Invalid]] = []
         valid: list[tuple[Record, NewsItem]] = []
-        dlq_futures = []
         duplicates = 0
         seen: set[str] = set()
         for record in records:
-            parsed = parse_news(record.value, self.config.max_text_bytes)
+            parsed = self._parse(record)
             if isinstance(parsed, Invalid):
-                value = dead_letter(record.value, parsed, record.topic, record.partition, record.offset)
-                dlq_futures.append(self.producer.send(self.topics.dlq, key=record.key, value=value))
-                self.metrics.dead_letters.labels(reason=parsed.reason.value).inc()
+                refused.append((record, parsed))
             elif parsed.id in seen:
                 duplicates += 1
             else:
                 seen.add(parsed.id)
                 valid.append((record, parsed))
+
         # Already-stored ids are not scored again: a replay after a crash costs no model time.
         with self._stage("dedupe"):
-            stored = self.history.existing_ids([item.id for _, item in valid]) if valid else set()
-        fresh = [(record, item) for record, item in valid if item.id not in stored]
-        duplicates += len(valid) - len(fresh)
+            known = self._contain.run("dedupe", valid, self._known, self.sinks_probe("history"))
+        refused.extend((record, unprocessable(error)) for (record, _), error in known.poison)
+        fresh = [pair for pair, stored in known.results if not stored]
+        duplicates += sum(1 for _, stored in known.results if stored)
 
         with self._stage("model"):
-            predictions = self.classifier.predict([item.text for _, item in fresh], batch_size=self._inference_batch)
-
+            # A model error is not an outage; bisection also halves a batch that ran out of (GPU) memory.
+            inferred = self._contain.run("model", fresh, self._predict, retries=0)
+        refused.extend((record, unprocessable(error)) for (record, _), error in inferred.poison)
         scored_at = datetime.now(UTC)
-        with self._stage("produce"):
-            futures = list(dlq_futures)
-            for (_, item), prediction in zip(fresh, predictions, strict=True):
-                value = scored_value(item, prediction, scored_at)
-                futures.append(self.producer.send(self.topics.scored, key=item.id.encode("utf-8"), value=value))
-            self.producer.flush()
-            for future in futures:
-                future.get(timeout=30)  # raises if a send failed: then nothing is committed
+        batch = [Scored(record, item, prediction, scored_at) for (record, item), prediction in inferred.results]
 
-        rows = [
-            _row(record, item, prediction, scored_at)
-            for (record, item), prediction in zip(fresh, predictions, strict=True)
-        ]
-        with self._stage("store"):
-            result = self.history.write_batch(rows) if rows else None
-        # Another scorer may have stored an id between our check and our write (a rebalance); it is a duplicate.
-        raced = set(result.duplicates) if result is not None else set()
-        duplicates += len(raced)
-        scored = [(item, p) for (_, item), p in zip(fresh, predictions, strict=True) if item.id not in raced]
+        for sink in self.sinks:
+            with self._stage(sink.name):
+                written = self._contain.run(sink.name, batch, sink.write, sink.probe)
+            # A record a sink refuses is dead-lettered and kept from the later sinks.
+            refused.extend((s.record, unprocessable(error)) for s, error in written.poison)
+            batch = [s for s, _ in written.results]
+            raced = {s.item.id for s, duplicate in written.results if duplicate}
+            if raced:
+                # Another scorer stored these between our check and our write (a rebalance): duplicates.
+                duplicates += len(raced)
+                batch = [s for s in batch if s.item.id not in raced]
+
+        with self._stage("dlq"):
+            self._send_dead_letters(refused)
+        for _, invalid in refused:
+            self.metrics.dead_letters.labels(reason=invalid.reason.value).inc()
 
         with self._stage("commit"):
             self._commit(records)
-        self._account(records, scored, len(dlq_futures), duplicates, scored_at, started)
-        return BatchOutcome(scored, len(dlq_futures), duplicates)
+        try:
+            self._account(records, batch, len(refused), duplicates, scored_at, started)
+        except Exception as e:  # the batch is committed: a metric must not take the process down with it
+            log.error("event=accounting_failed error=%s detail=%r", type(e).__name__, str(e)[:200])
+        return BatchOutcome([(s.item, s.prediction) for s in batch], len(refused), duplicates)
+
+    def _parse(self, record: Record) -> NewsItem | Invalid:
+        try:
+            return parse_news(record.value, self.config.max_text_bytes)
+        except Exception as e:  # containment: whatever one value does, it is that value's dead letter
+            log.warning("event=parse_raised offset=%s error=%s", record.offset, type(e).__name__)
+            return unprocessable(e)
+
+    def _known(self, batch: list[tuple[Record, NewsItem]]) -> list[bool]:
+        stored = self.history.existing_ids([item.id for _, item in batch])
+        return [item.id in stored for _, item in batch]
+
+    def _predict(self, batch: list[tuple[Record, NewsItem]]) -> list[Prediction]:
+        return self.classifier.predict([item.text for _, item in batch], batch_size=self._inference_batch)
+
+    def _dead_letter(self, refused: list[tuple[Record, Invalid]]) -> list[None]:
+        futures = [
+            self.producer.send(
+                self.topics.dlq,
+                key=record.key,
+                value=dead_letter(record.value, invalid, record.topic, record.partition, record.offset),
+            )
+            for record, invalid in refused
+        ]
+        self.producer.flush(timeout=30)
+        for future in futures:
+            future.get(timeout=30)  # a dead letter not acknowledged must not be committed past
+        return [None] * len(refused)
+
+    def _send_dead_letters(self, refused: list[tuple[Record, Invalid]]) -> None:
+        """Dead-letter `refused`; while that fails, wait and try again: a dead letter is never dropped."""
+        dead = self._contain.run("dlq", refused, self._dead_letter, self.sinks_probe("scored"))
+        remaining = [pair for pair, _ in dead.poison]
+        if remaining:
+            # Dead letters are bounded in size, so a refusal is not about the record: keep trying, paused.
+            def resend() -> None:
+                self._dead_letter(remaining)
+
+            self._wait_until_up("dlq", resend, dead.poison[0][1])
+
+    def sinks_probe(self, name: str) -> Callable[[], None] | None:
+        """Return the probe of the sink called `name`, or None when this scorer has no such sink."""
+        for sink in self.sinks:
+            if sink.name == name:
+                return sink.probe
+        return None
+
+    def _count_retry(self, stage: str) -> None:
+        self.metrics.retries.labels(stage=stage).inc()
+
+    def _wait_until_up(self, stage: str, probe: Callable[[], None], error: BaseException) -> None:
+        """Pause consumption until `probe` passes, keeping the group membership; raise Stopping if asked to stop."""
+        since = time.monotonic()
+        log.warning("event=paused stage=%s reason=%r detail=%r", stage, type(error).__name__, str(error)[:200])
+        self.metrics.paused.labels(stage=stage).set(1)
+        delay = _OUTAGE_FIRST_S
+        try:
+            while True:
+                if self._stop.is_set():
+                    raise Stopping
+                self._idle_poll(delay)
+                try:
+                    probe()
+                except Exception:
+                    delay = min(delay * 2, _OUTAGE_MAX_S)
+                    continue
+                log.warning("event=resumed stage=%s paused_s=%.1f", stage, time.monotonic() - since)
+                return
+        finally:
+            self.metrics.paused.labels(stage=stage).set(0)
+            self.metrics.paused_seconds.labels(stage=stage).inc(time.monotonic() - since)
+
+    def _idle_poll(self, seconds: float) -> None:
+        """Wait `seconds` inside poll() with every partition paused, so the member stays in the group."""
+        assigned = self.consumer.assignment()
+        if assigned:
+            self.consumer.pause(*assigned)
+        try:
+            polled = self.consumer.poll(timeout_ms=int(seconds * 1000))
+        except KafkaError as e:
+            log.debug("event=idle_poll_failed error=%r", e)
+            self._stop.wait(seconds)
+            polled = {}
+        # A rebalance during the wait may hand over partitions that are not paused yet: rewind what they gave.
+        for tp, batch in polled.items():
+            if batch:
+                self.consumer.seek(tp, min(record.offset for record in batch))
+        paused = self.consumer.paused()
+        if paused:
+            self.consumer.resume(*paused)
 
     @contextlib.contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -264,15 +368,18 @@ class Scorer:
     def _commit(self, records: Sequence[Record]) -> None:
         try:
             self.consumer.commit(next_offsets(records))
-        except CommitFailedError as e:
-            # The partitions moved to another member, which will replay them; our rows make those duplicates.
+        except KafkaError as e:
+            # The partitions moved to another member (or the commit could not reach the coordinator): the next
+            # owner replays them, and our rows make those duplicates, not second rows.
             self.stats.commit_failures += 1
-            log.warning("event=commit_failed reason=%r", str(e))
+            log.warning("event=commit_failed error=%s reason=%r", type(e).__name__, str(e))
+            return
+        self.metrics.last_commit.set(time.time())
 
     def _account(
         self,
         records: Sequence[Record],
-        scored: list[tuple[NewsItem, Prediction]],
+        scored: list[Scored],
         dead_lettered: int,
         duplicates: int,
         scored_at: datetime,
@@ -281,7 +388,8 @@ class Scorer:
         m, s = self.metrics, self.stats
         now = time.time()
         watchlist = set(self.config.watchlist)
-        for item, prediction in scored:
+        for one in scored:
+            item, prediction = one.item, one.prediction
             m.scored.labels(topic=prediction.topic, sentiment=prediction.sentiment).inc()
             for ticker in watchlist.intersection(item.tickers):
                 m.ticker_scored.labels(ticker=ticker, sentiment=prediction.sentiment).inc()
@@ -296,7 +404,6 @@ class Scorer:
         elapsed = time.perf_counter() - started
         m.batch_seconds.labels(stage="total").observe(elapsed)
         m.last_batch.set(now)
-        m.set_consumer_lag(self._lags())
         s.consumed += len(records)
         s.scored += len(scored)
         s.dead_lettered += dead_lettered
@@ -304,20 +411,6 @@ class Scorer:
         s.batches += 1
         s.busy_s += elapsed
         s.last_batch_at = time.perf_counter()
-
-    def _lags(self) -> dict[int, int]:
-        lags = {}
-        for tp in self.consumer.assignment():
-            end = self.consumer.highwater(tp)
-            if end is None:
-                continue
-            try:
-                position = self.consumer.position(tp, timeout_ms=1000)
-            except KafkaError:
-                continue
-            if position is not None:
-                lags[tp.partition] = max(0, end - position)
-        return lags
 
 
 def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, OffsetAndMetadata]:
@@ -328,26 +421,3 @@ def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, OffsetAndMet
         if tp not in offsets or offsets[tp].offset <= record.offset:
             offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
     return offsets
-
-
-def _row(record: Record, item: NewsItem, prediction: Prediction, scored_at: datetime) -> NewsRow:
-    return NewsRow(
-        id=item.id,
-        published_at=item.published_at,
-        source=item.source,
-        text=item.text,
-        tickers=item.tickers,
-        topic=prediction.topic,
-        topic_confidence=prediction.topic_confidence,
-        sentiment=prediction.sentiment,
-        sentiment_confidence=prediction.sentiment_confidence,
-        sentiment_negative=prediction.sentiment_scores["negative"],
-        sentiment_neutral=prediction.sentiment_scores["neutral"],
-        sentiment_positive=prediction.sentiment_scores["positive"],
-        topic_version=prediction.topic_version,
-        sentiment_version=prediction.sentiment_version,
-        scored_at=scored_at,
-        kafka_topic=record.topic,
-        kafka_partition=record.partition,
-        kafka_offset=record.offset,
-    )

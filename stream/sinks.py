@@ -1,0 +1,179 @@
+"""Where scored records go: a small base class, and the two sinks every scorer has (news.scored, the history).
+
+The scorer hands each batch to every sink in order and commits the batch's offsets only after all of them have
+written it. A sink raises when it cannot write; the scorer then tells a sink that is down (its `probe` raises
+too: the scorer pauses until it is back) from a record the sink refuses (the probe passes: the scorer bisects
+the batch and dead-letters that record). A new destination (Parquet files, a search index) is one subclass.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+from kafka import KafkaProducer
+
+from learner.model import Prediction
+from storage import History, NewsRow
+from stream.admin import broker_answers
+from stream.errors import StreamError
+from stream.messages import NewsItem
+
+# kafka-python's ConsumerRecord; typed loosely because the library ships no annotations.
+Record = Any
+
+# How long one produced batch may take to be acknowledged before the sink counts as failed.
+_SEND_TIMEOUT_S = 30.0
+
+
+class SinkUnavailable(StreamError):
+    """A sink cannot take writes at all (its server is down), whatever the records."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One scored record on its way to the sinks."""
+
+    record: Record
+    item: NewsItem
+    prediction: Prediction
+    scored_at: datetime
+
+
+class Sink(ABC):
+    """A destination of scored records.
+
+    `add` buffers, `flush` writes what was added; `write` is the one method a subclass must provide. It returns,
+    per record and in order, whether the record was already there (a duplicate), and raises when it failed.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._pending: list[Scored] = []
+
+    def add(self, scored: Scored) -> None:
+        """Buffer one record for the next `flush`."""
+        self._pending.append(scored)
+
+    def flush(self) -> list[bool]:
+        """Write every buffered record; they stay buffered if the write raises."""
+        written = self.write(self._pending)
+        self._pending = []
+        return written
+
+    @abstractmethod
+    def write(self, batch: Sequence[Scored]) -> list[bool]:
+        """Write `batch`; return per record whether it was a duplicate; raise if it was not written."""
+
+    def probe(self) -> None:
+        """Raise SinkUnavailable when the sink cannot take any write now (by default it always can)."""
+        return None
+
+    def close(self) -> None:
+        """Release what the sink holds."""
+        return None
+
+
+class ScoredTopicSink(Sink):
+    """Produces `news.scored`, keyed by id; at-least-once (a replayed batch may appear twice)."""
+
+    name = "scored"
+
+    def __init__(self, producer: KafkaProducer, topic: str, bootstrap_servers: str) -> None:
+        super().__init__()
+        self._producer = producer
+        self._topic = topic
+        self._bootstrap = bootstrap_servers
+
+    def write(self, batch: Sequence[Scored]) -> list[bool]:
+        """Send every record, wait until the broker acknowledged all of them."""
+        futures = [
+            self._producer.send(self._topic, key=s.item.id.encode("utf-8"), value=scored_value(s)) for s in batch
+        ]
+        self._producer.flush(timeout=_SEND_TIMEOUT_S)
+        for future in futures:
+            future.get(timeout=_SEND_TIMEOUT_S)  # raises if a send failed: then nothing is committed
+        return [False] * len(batch)
+
+    def probe(self) -> None:
+        """Raise unless the cluster answers a metadata request."""
+        if not broker_answers(self._bootstrap, timeout_s=3.0):
+            raise SinkUnavailable(f"Kafka at {self._bootstrap} does not answer")
+
+
+class HistorySink(Sink):
+    """Writes the history, idempotent on id: a replayed or raced record is a duplicate, not a second row."""
+
+    name = "history"
+
+    def __init__(self, history: History) -> None:
+        super().__init__()
+        self._history = history
+
+    def write(self, batch: Sequence[Scored]) -> list[bool]:
+        """Insert the rows whose id is new; report the others as duplicates."""
+        if not batch:
+            return []
+        result = self._history.write_batch([news_row(s) for s in batch])
+        raced = set(result.duplicates)
+        # A repeated id inside one batch cannot reach a sink: the scorer drops in-batch repeats first.
+        return [s.item.id in raced for s in batch]
+
+    def probe(self) -> None:
+        """Raise unless the history takes an (empty) write transaction now."""
+        try:
+            self._history.ensure_schema()
+        except Exception as e:
+            raise SinkUnavailable(f"the history cannot be written: {e}") from e
+
+
+def scored_value(scored: Scored) -> bytes:
+    """Encode the `news.scored` record of one scored item."""
+    item, prediction = scored.item, scored.prediction
+    return json.dumps(
+        {
+            "id": item.id,
+            "published_at": item.published_at.isoformat(),
+            "source": item.source,
+            "tickers": list(item.tickers),
+            "text": item.text,
+            "topic": prediction.topic,
+            "topic_confidence": round(prediction.topic_confidence, 6),
+            "sentiment": prediction.sentiment,
+            "sentiment_confidence": round(prediction.sentiment_confidence, 6),
+            "sentiment_scores": {k: round(v, 6) for k, v in prediction.sentiment_scores.items()},
+            "versions": {"sentiment": prediction.sentiment_version, "topic": prediction.topic_version},
+            "scored_at": scored.scored_at.isoformat(),
+        },
+        ensure_ascii=False,
+    ).encode("utf-8")
+
+
+def news_row(scored: Scored) -> NewsRow:
+    """Build the history row of one scored item."""
+    record, item, prediction = scored.record, scored.item, scored.prediction
+    return NewsRow(
+        id=item.id,
+        published_at=item.published_at,
+        source=item.source,
+        text=item.text,
+        tickers=item.tickers,
+        topic=prediction.topic,
+        topic_confidence=prediction.topic_confidence,
+        sentiment=prediction.sentiment,
+        sentiment_confidence=prediction.sentiment_confidence,
+        sentiment_negative=prediction.sentiment_scores["negative"],
+        sentiment_neutral=prediction.sentiment_scores["neutral"],
+        sentiment_positive=prediction.sentiment_scores["positive"],
+        topic_version=prediction.topic_version,
+        sentiment_version=prediction.sentiment_version,
+        scored_at=scored.scored_at,
+        kafka_topic=record.topic,
+        kafka_partition=record.partition,
+        kafka_offset=record.offset,
+    )
