@@ -153,6 +153,17 @@ class AlertRulesConfig(BaseModel):
         "1m",
         description="How long no scorer target may be up before ScorerDown fires (4 failed scrapes at 15 s).",
     )
+    scorer_stalled_after: Duration = Field(
+        "2m",
+        description="How long a scorer with messages waiting may go without committing offsets before "
+        "ScorerStalled fires. A working scorer commits after every batch (at most seconds apart, even on a CPU), "
+        "and one starting up loads its models well within it.",
+    )
+    scorer_stalled_for: Duration = Field(
+        "30s",
+        description="How long ScorerStalled's condition must hold (2 evaluations at 15 s): the silence is "
+        "already `scorer_stalled_after` long, this only rides out one odd scrape.",
+    )
     max_consumer_lag: int = Field(
         5000,
         ge=1,
@@ -181,6 +192,11 @@ class AlertRulesConfig(BaseModel):
         description="ModelVersionRejected and ModelRolledBack fire for this long after the event, so the "
         "notification goes out even with a slow Alertmanager group_interval.",
     )
+    given_up_window: Duration = Field(
+        "15m",
+        description="DeliveriesGivingUp fires for this long after a delivery to a subscriber was given up, so "
+        "the notification goes out even with a slow Alertmanager group_interval.",
+    )
 
     @model_validator(mode="after")
     def _baseline_longer_than_window(self) -> Self:
@@ -197,9 +213,12 @@ class AlertRulesConfig(BaseModel):
             "baseline_window": "5m",
             "for_": "10s",
             "scorer_down_for": "10s",
+            "scorer_stalled_after": "10s",  # 5 scrapes at 2 s; a CPU batch of the demo takes under 2 s
+            "scorer_stalled_for": "4s",
             "consumer_lag_for": "30s",
             "dead_letter_for": "10s",
             "model_event_window": "1m",
+            "given_up_window": "1m",
         }
         return cls.model_validate({**values, **updates})
 

@@ -17,6 +17,9 @@ Flow of one `POST /alertmanager` (Alertmanager webhook JSON, version "4"):
 Delivery is at least once: a claim stays open until delivered or given up, and `start()` resumes the
 open ones. Each POST carries an `Idempotency-Key` so a subscriber can drop a retry it already got.
 Run one dispatcher per DuckDB file: two would both resume the same open claims.
+
+`GET /metrics` on the same server exposes the dispatcher's registry (`DeliveryMetrics`): every attempt and
+every final outcome per subscriber, and each subscriber's queue depth, read at scrape time.
 """
 
 from __future__ import annotations
@@ -33,24 +36,49 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from learner.labels import TOPICS
 from monitor.config import DispatcherConfig
 from monitor.errors import DispatchError
 from monitor.subscriptions import SEVERITIES, normalize_ticker, route, severity_rank
-from storage.alerts import AlertRecord, AlertStore, AttemptRecord, Claim, NotificationRecord, RecordResult
+from storage.alerts import (
+    AlertRecord,
+    AlertStore,
+    AttemptRecord,
+    Claim,
+    NotificationRecord,
+    RecordResult,
+    SubscriptionRow,
+)
 from storage.errors import StorageError
 
-__all__ = ["HEALTH_PATH", "WEBHOOK_PATH", "DeliveryEvent", "Dispatcher", "alert_text", "parse_alert"]
+__all__ = [
+    "ATTEMPT_OUTCOMES",
+    "DELIVERY_OUTCOMES",
+    "HEALTH_PATH",
+    "METRICS_PATH",
+    "WEBHOOK_PATH",
+    "DeliveryEvent",
+    "DeliveryMetrics",
+    "Dispatcher",
+    "alert_text",
+    "parse_alert",
+]
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH: Final = "/alertmanager"
 HEALTH_PATH: Final = "/healthz"
+METRICS_PATH: Final = "/metrics"
 # Alertmanager's notifications are a few KB; this only stops a runaway client from filling memory.
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 _USER_AGENT: Final = "finpulse-dispatcher/0.1"
@@ -58,6 +86,11 @@ _USER_AGENT: Final = "finpulse-dispatcher/0.1"
 _RESPONSE_READ_BYTES: Final = 64 * 1024
 # 408/425/429 say "try later"; any other 4xx (and 3xx: redirects are not followed) will not change.
 _RETRYABLE_4XX: Final[frozenset[int]] = frozenset({408, 425, 429})
+# What one HTTP attempt got: a 2xx; an answer that says try later (5xx, 408/425/429); an answer a retry cannot
+# change (3xx, any other 4xx); no answer at all (cannot connect, timeout, broken connection).
+ATTEMPT_OUTCOMES: Final = ("delivered", "retryable", "refused", "error")
+# How a delivery ended; one interrupted by a stop has not ended and resumes at the next start.
+DELIVERY_OUTCOMES: Final = ("delivered", "given_up")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +112,69 @@ class DeliveryEvent:
     retry_in_s: float | None  # the backoff before the next attempt when outcome is "failed"
 
 
+class DeliveryMetrics:
+    """What a dispatcher exposes: attempts and final outcomes per subscriber, and each subscriber's queue depth.
+
+    The subscriber label is the subscription name: operators create subscriptions, so the label stays bounded.
+    """
+
+    def __init__(self, registry: CollectorRegistry, depths: Callable[[], Mapping[str, int]]) -> None:
+        """Register the counters and the queue-depth collector, which calls `depths` at every scrape."""
+        self.registry = registry
+        self.attempts = Counter(
+            "finpulse_dispatcher_delivery_attempts",
+            "HTTP attempts to deliver an alert, by subscriber and outcome (delivered, retryable, refused, error).",
+            ["subscriber", "outcome"],
+            registry=registry,
+        )
+        self.deliveries = Counter(
+            "finpulse_dispatcher_deliveries",
+            "Deliveries that ended, by subscriber and outcome (delivered, given_up).",
+            ["subscriber", "outcome"],
+            registry=registry,
+        )
+        registry.register(_QueueDepthCollector(depths))
+
+    def declare(self, subscriber: str) -> None:
+        """Export every outcome of `subscriber` at 0, so that `increase()` sees each event after the first scrape.
+
+        An event before that (a refusal on the very first attempt) creates its series at 1; DeliveriesGivingUp
+        catches it with an `unless … offset` branch.
+        """
+        for outcome in ATTEMPT_OUTCOMES:
+            self.attempts.labels(subscriber=subscriber, outcome=outcome)
+        for outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(subscriber=subscriber, outcome=outcome)
+
+
+class _QueueDepthCollector(Collector):
+    """Exports `finpulse_dispatcher_queue_depth{subscriber}`, read from the workers at scrape time."""
+
+    def __init__(self, depths: Callable[[], Mapping[str, int]]) -> None:
+        """Take the function returning the deliveries waiting per subscriber name."""
+        self._depths = depths
+
+    def describe(self) -> Iterator[Metric]:
+        """Name the family without reading the workers."""
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        """Export the depth of every subscriber that has a worker."""
+        family = self._family()
+        for subscriber, depth in sorted(self._depths().items()):
+            family.add_metric([subscriber], depth)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        """Return the family, empty."""
+        return GaugeMetricFamily(
+            "finpulse_dispatcher_queue_depth",
+            "Deliveries queued or in progress (retries and their backoff included), by subscriber.",
+            labels=["subscriber"],
+        )
+
+
 class Dispatcher:
     """Alertmanager webhook receiver and per-subscriber delivery workers over one AlertStore."""
 
@@ -88,11 +184,14 @@ class Dispatcher:
         store: AlertStore,
         *,
         on_delivery: Callable[[DeliveryEvent], None] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
-        """Prepare a dispatcher; nothing listens until `start()`."""
+        """Prepare a dispatcher; nothing listens until `start()`. Metrics go to `registry` (a fresh one if None)."""
         self._config = config
         self._store = store
         self._on_delivery = on_delivery
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = DeliveryMetrics(self.registry, self._queue_depths)
         self._server: _Server | None = None
         self._serve_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -236,11 +335,21 @@ class Dispatcher:
                 return  # the claim stays open in DuckDB and resumes at the next start
             worker = self._workers.get(claim.subscription.id)
             if worker is None:
-                worker = _SubscriberWorker(claim.subscription.id, self._deliver, self._finished, self._stopping)
+                self.metrics.declare(claim.subscription.name)
+                worker = _SubscriberWorker(claim.subscription, self._deliver, self._finished, self._stopping)
                 self._workers[claim.subscription.id] = worker
             with self._idle:
                 self._outstanding += 1
             worker.put(claim)
+
+    def _queue_depths(self) -> dict[str, int]:
+        """Return the deliveries queued or in progress per subscriber name."""
+        depths: dict[str, int] = {}
+        with self._workers_lock:
+            for worker in self._workers.values():
+                # A removed name may be reused by a new subscription while the old one's claims still drain.
+                depths[worker.name] = depths.get(worker.name, 0) + worker.depth
+        return depths
 
     def _finished(self) -> None:
         """Count one queued delivery as done."""
@@ -268,12 +377,18 @@ class Dispatcher:
             started = time.perf_counter()
             http_status, error, retryable = self._post(subscription.target_url, body, headers)
             latency_ms = (time.perf_counter() - started) * 1000.0
+            self.metrics.attempts.labels(
+                subscriber=subscription.name, outcome=_attempt_outcome(http_status, error, retryable)
+            ).inc()
             if error is None:
                 outcome = "delivered"
             elif retryable and attempt < budget:
                 outcome = "failed"
             else:
                 outcome = "gave_up"
+            if outcome != "failed":
+                final = "delivered" if outcome == "delivered" else "given_up"
+                self.metrics.deliveries.labels(subscriber=subscription.name, outcome=final).inc()
             retry_in_s = self._backoff(attempt) if outcome == "failed" else None
             record = AttemptRecord(
                 key=key,
@@ -364,21 +479,32 @@ class _SubscriberWorker:
 
     def __init__(
         self,
-        subscription_id: int,
+        subscription: SubscriptionRow,
         deliver: Callable[[Claim], None],
         finished: Callable[[], None],
         stopping: threading.Event,
     ) -> None:
         """Start the worker thread."""
+        self.name = subscription.name
         self._deliver = deliver
         self._finished = finished
         self._stopping = stopping
         self._queue: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"finpulse-deliver-{subscription_id}", daemon=True)
+        self._depth = 0
+        self._depth_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"finpulse-deliver-{subscription.id}", daemon=True)
         self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Return how many deliveries are queued or in progress."""
+        with self._depth_lock:
+            return self._depth
 
     def put(self, claim: Claim) -> None:
         """Queue a delivery."""
+        with self._depth_lock:
+            self._depth += 1
         self._queue.put(claim)
 
     def close(self) -> None:
@@ -402,6 +528,8 @@ class _SubscriberWorker:
                 # Keep the worker alive for the next alert; the claim stays open and resumes on restart.
                 log.exception(_kv(event="delivery_crashed", subscription=claim.subscription.name))
             finally:
+                with self._depth_lock:
+                    self._depth -= 1
                 self._finished()
 
 
@@ -417,7 +545,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """`POST /alertmanager` and `GET /healthz`."""
+    """`POST /alertmanager`, `GET /healthz` and `GET /metrics`."""
 
     server: _Server
     server_version = "finpulse-dispatcher/0.1"
@@ -455,10 +583,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(status, answer)
 
     def do_GET(self) -> None:  # the name http.server dispatches to
-        """Answer the health check."""
+        """Answer the health check or a scrape."""
         path = urllib.parse.urlsplit(self.path).path
         if path == HEALTH_PATH:
             self._reply(200, {"status": "ok", "pending_deliveries": self.server.dispatcher.pending})
+        elif path == METRICS_PATH:
+            # The encoder Prometheus asks for (OpenMetrics or the text format), as prometheus_client serves it.
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._send(200, encoder(self.server.dispatcher.registry), content_type)
         elif path == WEBHOOK_PATH:
             self._reply(405, {"error": f"{WEBHOOK_PATH} takes POST"}, {"Allow": "POST"})
         else:
@@ -467,8 +599,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, status: int, answer: Mapping[str, object], headers: Mapping[str, str] | None = None) -> None:
         """Send a JSON answer."""
         data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        self._send(status, data, "application/json; charset=utf-8", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+        """Send a complete answer."""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -494,6 +630,15 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
     ) -> urllib.request.Request | None:
         """Follow nothing."""
         return None
+
+
+def _attempt_outcome(http_status: int | None, error: str | None, retryable: bool) -> str:
+    """Return what one attempt got, one of ATTEMPT_OUTCOMES."""
+    if error is None:
+        return "delivered"
+    if http_status is None:
+        return "error"
+    return "retryable" if retryable else "refused"
 
 
 def _parse_notification(body: bytes) -> tuple[dict[str, Any], list[AlertRecord], str | None]:

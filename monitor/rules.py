@@ -197,7 +197,7 @@ def _spike_alert(
 
 
 def _operations_group(config: AlertRulesConfig) -> dict[str, Any]:
-    """Return the alerts on the pipeline itself: scorers down, lag, dead letters, model versions."""
+    """Return the alerts on the pipeline itself: scorers down or stalled, lag, dead letters, deliveries, models."""
     w = config.window
     consumed = f"sum(increase(finpulse_messages_consumed_total[{w}]))"
     top_reason = _template_label(
@@ -219,6 +219,7 @@ def _operations_group(config: AlertRulesConfig) -> dict[str, Any]:
                 "is reachable from Prometheus: the Targets page lists each scrape error.",
             },
         },
+        _scorer_stalled_alert(config),
         {
             "alert": "ConsumerLagHigh",
             # max by partition: during a rebalance two scorers may briefly both report the same partition.
@@ -250,6 +251,7 @@ def _operations_group(config: AlertRulesConfig) -> dict[str, Any]:
                 "topic keeps each message with its reason and original bytes.",
             },
         },
+        _deliveries_giving_up_alert(config),
     ]
     ew = config.model_event_window
     for outcome, alert, severity, summary, description in (
@@ -276,19 +278,63 @@ def _operations_group(config: AlertRulesConfig) -> dict[str, Any]:
     return {"name": "finpulse-operations", "rules": rules}
 
 
+def _scorer_stalled_alert(config: AlertRulesConfig) -> dict[str, Any]:
+    """Return ScorerStalled: a scorer instance with messages waiting that has not committed for a while."""
+    after = config.scorer_stalled_after
+    age = _template_value(
+        'printf "time() - finpulse_last_commit_timestamp_seconds{instance=%q, job=%q}" $labels.instance $labels.job',
+        "%.0f s",
+        "?",
+    )
+    return {
+        "alert": "ScorerStalled",
+        # Per instance, not summed: one stuck scorer keeps its partitions while the others look busy, and
+        # ScorerDown does not see it because its /metrics still answers. Lag 0 is an idle scorer, not a stuck one.
+        "expr": (
+            "max by (instance, job) (finpulse_consumer_lag) > 0\n"
+            "and on (instance, job)\n"
+            f"(time() - finpulse_last_commit_timestamp_seconds) > {duration_seconds(after):g}\n"
+        ),
+        "for": config.scorer_stalled_for,
+        "labels": {"severity": "critical", "category": "operations"},
+        "annotations": {
+            "summary": "Scorer {{ $labels.instance }} is stuck: "
+            '{{ $value | printf "%.0f" }} messages waiting on its most lagging partition '
+            f"and no offsets committed for {age}",
+            "description": f"It holds partitions with messages waiting and has not committed for over {after}: "
+            "its loop hangs (a batch, a DuckDB write, a commit to the broker) and nobody else consumes those "
+            "partitions while it keeps them. Its log and finpulse_batch_seconds show the stage it hangs in; "
+            "restarting it hands its partitions to the group.",
+        },
+    }
+
+
+def _deliveries_giving_up_alert(config: AlertRulesConfig) -> dict[str, Any]:
+    """Return DeliveriesGivingUp: the dispatcher gave up on some delivery to a subscriber lately."""
+    gw = config.given_up_window
+    return {
+        "alert": "DeliveriesGivingUp",
+        "expr": _recent_events('finpulse_dispatcher_deliveries_total{outcome="given_up"}', "subscriber", gw),
+        "labels": {"severity": "warning", "category": "operations"},
+        "annotations": {
+            "summary": 'Deliveries to {{ $labels.subscriber }} given up: {{ $value | printf "%.0f" }} alert(s) '
+            f"in the last {gw} did not reach its webhook",
+            "description": "The dispatcher stopped trying: the webhook answered with a status a retry cannot "
+            "change (3xx, most 4xx), or failed every attempt (dispatcher.attempts). The deliveries table holds "
+            "each attempt's HTTP status and error; fix the endpoint, or replace the subscription "
+            "(`finpulse unsubscribe`, `finpulse subscribe`).",
+        },
+    }
+
+
 def _model_event_alert(
     config: AlertRulesConfig, outcome: str, alert: str, severity: str, summary: str, description: str
 ) -> dict[str, Any]:
     """Return an alert that fires for `model_event_window` after a model version outcome."""
-    series = f'finpulse_model_versions_total{{outcome="{outcome}"}}'
-    ew = config.model_event_window
     return {
         "alert": alert,
-        # increase() needs two samples, so it misses the event that creates the series (a counter child
-        # first exported at 1); the `unless … offset` branch catches a series that is new and already above 0.
-        "expr": (
-            f"sum by (task) (increase({series}[{ew}])) > 0\n"
-            f"or\nsum by (task) ({series} unless {series} offset {ew}) > 0\n"
+        "expr": _recent_events(
+            f'finpulse_model_versions_total{{outcome="{outcome}"}}', "task", config.model_event_window
         ),
         "labels": {"severity": severity, "category": "model"},
         "annotations": {
@@ -299,6 +345,16 @@ def _model_event_alert(
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
+
+
+def _recent_events(series: str, by: str, window: str) -> str:
+    """Return the PromQL of the events a counter `series` counted over `window`, per `by`, where any."""
+    # increase() needs two samples, so it misses the event that creates the series (a counter child
+    # first exported at 1); the `unless … offset` branch catches a series that is new and already above 0.
+    return (
+        f"sum by ({by}) (increase({series}[{window}])) > 0\n"
+        f"or\nsum by ({by}) ({series} unless {series} offset {window}) > 0\n"
+    )
 
 
 def _template_value(query: str, fmt: str, missing: str) -> str:

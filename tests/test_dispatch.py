@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from monitor.config import DispatcherConfig
@@ -37,11 +39,15 @@ class Received:
 
 
 class Subscriber:
-    """A webhook receiver on a free loopback port that answers from a script of (status, delay_s)."""
+    """A webhook receiver on a free loopback port that answers from a script of (status, delay_s).
 
-    def __init__(self, script: list[tuple[int, float]] | None = None) -> None:
+    With `hold`, every answer waits until the event is set: the dispatcher's request stays in progress.
+    """
+
+    def __init__(self, script: list[tuple[int, float]] | None = None, hold: threading.Event | None = None) -> None:
         self.requests: list[Received] = []
         self.script = list(script or [])
+        self.hold = hold
         self.got = threading.Condition()
         subscriber = self
 
@@ -53,6 +59,8 @@ class Subscriber:
                     status, delay_s = subscriber.script.pop(0) if subscriber.script else (200, 0.0)
                     subscriber.got.notify_all()
                 time.sleep(delay_s)
+                if subscriber.hold is not None:
+                    subscriber.hold.wait(60)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -87,8 +95,8 @@ def subscriber() -> Iterator[Callable[..., Subscriber]]:
     """Return a factory of Subscriber servers, all closed at teardown."""
     made: list[Subscriber] = []
 
-    def make(script: list[tuple[int, float]] | None = None) -> Subscriber:
-        made.append(Subscriber(script))
+    def make(script: list[tuple[int, float]] | None = None, hold: threading.Event | None = None) -> Subscriber:
+        made.append(Subscriber(script, hold))
         return made[-1]
 
     yield make
@@ -425,3 +433,91 @@ def test_resolved_is_not_sent_for_a_firing_never_notified(
         ("firing", "fp-negativesentimentspike"),
         ("resolved", "fp-negativesentimentspike"),
     ]
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_delivery_metrics_count_every_attempt_and_every_outcome(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    ok = subscriber()
+    down = subscriber([(500, 0.0), (503, 0.0)])  # fails both attempts of the budget
+    gone = subscriber([(404, 0.0)])  # a 404 will not change: given up at once
+    closed = subscriber()
+    closed.close()  # nothing listens there any more: no HTTP answer at all
+    for name, url in (("ok", ok.url), ("down", down.url), ("gone", gone.url), ("closed", closed.url)):
+        add_subscription(store, name=name, target_url=url)
+    registry = CollectorRegistry()
+    config = fast_config(attempts=2, initial_backoff_s=0.05, max_backoff_s=0.1)
+    with Dispatcher(config, store, registry=registry) as dispatcher:
+        assert post(dispatcher.webhook_url, notification(alert()))[0] == 200
+        assert dispatcher.wait_idle(30)
+        # Read while running: the gauge has a series per subscriber worker, and stop() ends the workers.
+        depths = {
+            name: registry.get_sample_value("finpulse_dispatcher_queue_depth", {"subscriber": name})
+            for name in ("ok", "down", "gone", "closed")
+        }
+        with urllib.request.urlopen(dispatcher.url + "/metrics", timeout=10) as response:
+            content_type = response.headers["Content-Type"]
+            scraped = {
+                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(response.read().decode("utf-8"))
+                for sample in family.samples
+            }
+
+    def value(name: str, subscriber: str, outcome: str) -> float | None:
+        return registry.get_sample_value(name, {"subscriber": subscriber, "outcome": outcome})
+
+    attempts = "finpulse_dispatcher_delivery_attempts_total"
+    deliveries = "finpulse_dispatcher_deliveries_total"
+    expected_attempts = {
+        "ok": {"delivered": 1},
+        "down": {"retryable": 2},
+        "gone": {"refused": 1},
+        "closed": {"error": 2},
+    }
+    for name, counts in expected_attempts.items():
+        for outcome in ("delivered", "retryable", "refused", "error"):
+            assert value(attempts, name, outcome) == counts.get(outcome, 0), (name, outcome)
+    for name, final in (("ok", "delivered"), ("down", "given_up"), ("gone", "given_up"), ("closed", "given_up")):
+        # Every outcome is exported from 0, so the first given-up delivery is an increase Prometheus sees.
+        assert value(deliveries, name, final) == 1, name
+        assert value(deliveries, name, "given_up" if final == "delivered" else "delivered") == 0, name
+        assert depths[name] == 0, name
+    assert (len(ok.requests), len(down.requests), len(gone.requests)) == (1, 2, 1)
+
+    # GET /metrics serves the same registry in the text format Prometheus scrapes.
+    assert content_type.startswith("text/plain")
+    assert scraped[(deliveries, (("outcome", "given_up"), ("subscriber", "down")))] == 1
+    assert scraped[(attempts, (("outcome", "retryable"), ("subscriber", "down")))] == 2
+    assert scraped[("finpulse_dispatcher_queue_depth", (("subscriber", "ok"),))] == 0
+
+
+def test_queue_depth_counts_deliveries_queued_and_in_progress(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    hold = threading.Event()
+    held = subscriber(hold=hold)
+    add_subscription(store, name="held", target_url=held.url)
+    registry = CollectorRegistry()
+
+    def depth_and_delivered() -> tuple[float | None, float | None]:
+        return (
+            registry.get_sample_value("finpulse_dispatcher_queue_depth", {"subscriber": "held"}),
+            registry.get_sample_value(
+                "finpulse_dispatcher_deliveries_total", {"subscriber": "held", "outcome": "delivered"}
+            ),
+        )
+
+    # A long request timeout: the held answer must not time out while the test reads the gauge.
+    with Dispatcher(fast_config(timeout_s=60), store, registry=registry) as dispatcher:
+        try:
+            two = notification(alert(alertname="RuleA"), alert(alertname="RuleB"))
+            assert post(dispatcher.webhook_url, two)[0] == 200
+            assert held.wait_for(1, timeout_s=30)  # the first is in progress, the second waits behind it
+            assert depth_and_delivered() == (2, 0)
+        finally:
+            hold.set()
+        assert dispatcher.wait_idle(30)
+        assert depth_and_delivered() == (0, 2)

@@ -26,8 +26,10 @@ ALERTS = {
     "NegativeSentimentSpike",
     "NegativeSentimentSpikeTicker",
     "ScorerDown",
+    "ScorerStalled",
     "ConsumerLagHigh",
     "DeadLetterRateHigh",
+    "DeliveriesGivingUp",
     "ModelVersionRejected",
     "ModelRolledBack",
 }
@@ -61,7 +63,7 @@ def test_shipped_rules_file_is_the_generators_output() -> None:
 def test_promtool_accepts_the_rules(promtool: str, tmp_path: Path, preset: str) -> None:
     config = AlertRulesConfig() if preset == "production" else AlertRulesConfig.fast()
     path = write_rules(config, tmp_path / "finpulse.rules.yml")
-    assert "SUCCESS: 15 rules found" in _promtool(promtool, "check", "rules", str(path))
+    assert "SUCCESS: 17 rules found" in _promtool(promtool, "check", "rules", str(path))
 
 
 def test_every_alert_has_severity_and_a_summary() -> None:
@@ -95,6 +97,19 @@ def test_thresholds_come_from_the_config() -> None:
     assert "finpulse:topic_volume:window >= 40\n" in warning["expr"]
     baseline = next(rule for rule in topic_rules if rule.get("record") == "finpulse:topic_negative_share:baseline")
     assert "[2h] offset 10m" in baseline["expr"]
+
+
+def test_stall_and_give_up_thresholds_come_from_the_config() -> None:
+    config = AlertRulesConfig(scorer_stalled_after="5m", scorer_stalled_for="1m", given_up_window="30m")
+    operations = {rule["alert"]: rule for rule in build_rules(config)["groups"][2]["rules"]}
+    stalled = operations["ScorerStalled"]
+    assert stalled["for"] == "1m"
+    assert stalled["expr"].endswith("(time() - finpulse_last_commit_timestamp_seconds) > 300\n")
+    assert "has not committed for over 5m" in stalled["annotations"]["description"]
+    giving_up = operations["DeliveriesGivingUp"]
+    assert '{outcome="given_up"}[30m])) > 0\n' in giving_up["expr"]
+    assert "offset 30m) > 0\n" in giving_up["expr"]
+    assert "for" not in giving_up  # one given-up delivery is the event: nothing to wait for
 
 
 def test_invalid_thresholds_are_refused() -> None:
