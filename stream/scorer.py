@@ -175,19 +175,46 @@ class Scorer:
     def run(self, stop: threading.Event, until: Callable[[ScorerStats], bool] | None = None) -> ScorerStats:
         """Score until `stop` is set or `until(stats)` holds."""
         self._stop = stop
+        failures = 0
         while not stop.is_set():
-            records = self._gather(stop)
+            try:
+                records = self._gather(stop)
+            except KafkaError as e:
+                # The consumer reconnects by itself; a poll that raises (a coordinator moving, say) is retried.
+                failures += 1
+                log.warning("event=poll_failed error=%s detail=%r", type(e).__name__, str(e)[:200])
+                stop.wait(min(_OUTAGE_MAX_S, _OUTAGE_FIRST_S * failures))
+                continue
             # Models change only here, between batches: every batch is scored, and its rows named, by one version.
             if self.swapper is not None and self.swapper.between_batches():
                 self.metrics.set_versions(self.classifier.versions)
             if records:
                 try:
                     self.handle(records)
+                    failures = 0
                 except Stopping:
                     break  # asked to stop during an outage: the batch is not committed, its next owner replays it
+                except Exception as e:
+                    # Not about one record (those are dead-lettered inside handle): rewind and try the batch again,
+                    # backing off, rather than exit and come back in a crash loop.
+                    failures += 1
+                    log.error("event=batch_failed error=%s detail=%r", type(e).__name__, str(e)[:300])
+                    self._rewind(records)
+                    stop.wait(min(_OUTAGE_MAX_S, _OUTAGE_FIRST_S * failures))
             if until is not None and until(self.stats):
                 break
         return self.stats
+
+    def _rewind(self, records: Sequence[Record]) -> None:
+        """Seek back to the first record of the batch on every partition, so it is consumed again."""
+        first: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            first[tp] = min(first.get(tp, record.offset), record.offset)
+        for tp, offset in first.items():
+            # A partition that moved to another member in the meantime is no longer ours to seek.
+            with contextlib.suppress(KafkaError, AssertionError, ValueError):
+                self.consumer.seek(tp, offset)
 
     def _gather(self, stop: threading.Event) -> list[Record]:
         """Collect up to max_batch records, waiting at most max_wait_ms once the first one arrives."""

@@ -187,6 +187,24 @@ def _scorer_process(
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
+def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        return {tp.partition: consumer.committed(tp) or 0 for tp in partitions}
+    finally:
+        consumer.close()
+
+
+def ends_of(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        return {tp.partition: end for tp, end in consumer.end_offsets(partitions).items()}
+    finally:
+        consumer.close()
+
+
 def group_members(bootstrap: str, group: str) -> int:
     from kafka.admin import KafkaAdminClient
     from kafka.errors import KafkaError
@@ -249,8 +267,23 @@ def test_scorers_share_partitions_and_a_killed_one_loses_nothing(
         return seen[-1] >= 150
 
     _wait(some_written, 240, "the scorers to write rows")
+    at_kill = committed_offsets(kafka_bootstrap, topics.raw, group)
     first.send_signal(signal.SIGKILL)  # mid-stream, mid-batch if it is in one
+    killed_at = time.monotonic()
     first.wait(timeout=10)
+    # Failover: the survivor takes over the dead member's partitions once its 6 s session times out. The old
+    # 45 s default session stalled them for 45 s or more; 30 s leaves 5x slack for a loaded machine.
+    ends = ends_of(kafka_bootstrap, topics.raw)
+    at_kill = {p: at_kill.get(p, 0) for p in ends}
+    pending = {p for p, end in ends.items() if end > at_kill[p]}
+    _wait(
+        lambda: all(
+            committed_offsets(kafka_bootstrap, topics.raw, group).get(p, 0) > at_kill.get(p, 0) for p in pending
+        ),
+        30,
+        "the survivor to commit on every partition that had work left",
+    )
+    print(f"failover after SIGKILL: {time.monotonic() - killed_at:.1f} s")
     # A replacement joins while the survivor carries on: the three share what is left of the stream.
     processes.append(_scorer_process(kafka_bootstrap, topics, group, db, tmp_path / "c.log", adapters_dir))
     _wait(lambda: seen.append(history.count()) or seen[-1] >= len(items), 240, "the survivor to finish")
