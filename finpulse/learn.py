@@ -1,24 +1,35 @@
 """The learner service: labels from Kafka into DuckDB, experiences when a trigger fires, gated new versions.
 
-One loop, one thread: poll `news.labels` -> store (dead-letter the invalid) -> commit; then, per task, form an
-experience when enough labels wait (or the oldest is old enough, or `--now`), train a candidate from the
-champion, gate it on every experience's held-out slice, and promote or reject it. Everything it decides is in
-DuckDB before the next step, so a learner killed at any point restarts where it was: open experiences are
-trained again, half-written versions are discarded, and the registry is reconciled with the CHAMPION files.
+Two threads. The caller's thread owns the consumer: poll `news.labels` -> store (dead-letter the invalid) -> commit,
+over and over, also while a candidate trains, so a training of any length never costs the group membership
+(kafka-python drops a member that does not poll for `max.poll.interval.ms`, and the group rebalances). A worker
+runs one learning step at a time: per task, form an experience when enough labels wait (or the oldest is old
+enough, or `--now`), train a candidate from the champion, gate it on every experience's held-out slice, and
+promote or reject it. Labels that arrive meanwhile are stored and committed as usual and wait for the next
+experience; an experience takes only the labels it read, so none is lost between the two threads. They share
+the DuckDB file (one session at a time per process) and the metrics, nothing else.
+
+Everything it decides is in DuckDB before the next step, so a learner killed at any point restarts where it
+was: open experiences are trained again, half-written versions are discarded, and the registry is reconciled
+with the CHAMPION files. A step that raises is logged and retried the same way, after a backoff.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from finpulse.config import AppConfig
 from learner.adapters import AdapterStore
+from learner.config import ContinualConfig, ModelConfig
 from learner.experience import bootstrap_slices, split_holdout, trigger
 from learner.gate import Decision, decide
 from learner.labels import TASKS, Task
@@ -28,12 +39,40 @@ from monitor.metrics import ModelVersionCollector
 from storage import History
 from storage.labels import Experience, LabelStore
 from storage.models import ModelVersionStore
-from stream.labels import LabelConsumer
+from stream.labels import DEFAULT_MAX_POLL_INTERVAL_MS, LabelConsumer
 from stream.updates import UpdatePublisher
 
 log = logging.getLogger(__name__)
 
 LEARNER_GROUP = "finpulse-learner"
+# The longest wait between two tries of a failing task (`learner.retry_s` doubles up to it): a training that
+# fails for good costs one log line an hour, and a cause that goes away (a disk freed) is noticed within one.
+MAX_RETRY_S: Final = 3600.0
+
+
+class TrainFn(Protocol):
+    """How a candidate is trained: `learner.trainer.train_candidate`, or a stand-in in tests."""
+
+    def __call__(
+        self,
+        task: Task,
+        adapters: AdapterStore,
+        champion: str,
+        new: ExperienceSlices,
+        earlier: Sequence[ExperienceSlices],
+        config: ContinualConfig,
+        model_config: ModelConfig,
+        seed_memory: Sequence[tuple[str, str]] = (),
+        show_progress: bool = False,
+    ) -> Candidate: ...
+
+
+@dataclass
+class _Retry:
+    """One task's failed steps in a row and when it may try again (monotonic seconds); the worker's alone."""
+
+    failures: int = 0
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,10 +129,17 @@ class Learner:
         registry: CollectorRegistry | None = None,
         show_progress: bool = False,
         tasks: tuple[Task, ...] = TASKS,
+        group_id: str = LEARNER_GROUP,
+        max_poll_interval_ms: int = DEFAULT_MAX_POLL_INTERVAL_MS,
+        train: TrainFn = train_candidate,
     ) -> None:
+        """Open the stores and join `group_id`; `train` makes a candidate (the real trainer unless a test's)."""
         self.config = config
         self.tasks = tasks
         self.show_progress = show_progress
+        self.group_id = group_id
+        self.max_poll_interval_ms = max_poll_interval_ms
+        self.train = train
         self.history = History(config.storage)
         self.history.ensure_schema()
         self.labels = LabelStore(self.history)
@@ -106,21 +152,31 @@ class Learner:
         self.consumer = LabelConsumer(
             bootstrap_servers,
             config.kafka.topics,
-            LEARNER_GROUP,
+            group_id,
             self.labels,
             config.scorer.max_text_bytes,
+            max_poll_interval_ms=max_poll_interval_ms,
         )
         self.outcomes: list[Outcome] = []
+        # One worker, one step in flight at most; the lock also keeps a direct `step()` call from overlapping it.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-learner-train")
+        self._stepping = threading.RLock()
+        self._retries = {task: _Retry() for task in tasks}
 
     def start(self) -> None:
         """Recover from whatever a previous run left: staging leftovers, registry drift, missing bootstrap."""
+        with self._stepping:
+            self._recover()
+            for task in self.tasks:
+                self._ensure_bootstrap(task)
+
+    def _recover(self) -> None:
+        # Called under `_stepping`, the only place versions are staged from: whatever staging is left is dead.
         removed = self.adapters.discard_staging()
         if removed:
             log.warning("event=discarded_staging paths=%s", [str(p) for p in removed])
         for change in self.registry.sync():
             log.warning("event=registry_repaired task=%s version=%s note=%s", change.task, change.version, change.note)
-        for task in self.tasks:
-            self._ensure_bootstrap(task)
 
     def _ensure_bootstrap(self, task: Task) -> None:
         # The shipped champion's own data is experience 0: its sample seeds the replay memory and its held-out
@@ -148,6 +204,12 @@ class Learner:
         """Train every open experience, then form and train new ones whose trigger fired."""
         done: list[Outcome] = []
         for task in self.tasks:
+            done.extend(self._step_task(task, now))
+        return done
+
+    def _step_task(self, task: Task, now: bool) -> list[Outcome]:
+        done: list[Outcome] = []
+        with self._stepping:
             for experience in self.labels.experiences(task, status="open"):
                 done.append(self._train(task, experience))
             self.metrics.pending.labels(task=task).set(self.labels.pending_count(task))
@@ -155,6 +217,32 @@ class Learner:
             if formed is not None:
                 done.append(self._train(task, formed))
                 self.metrics.pending.labels(task=task).set(self.labels.pending_count(task))
+        return done
+
+    def _step_contained(self, now: bool = False) -> list[Outcome]:
+        """Run `step` task by task; a task whose step raises is logged and tried again after a backoff."""
+        done: list[Outcome] = []
+        for task in self.tasks:
+            retry = self._retries[task]
+            if time.monotonic() < retry.at:
+                continue
+            try:
+                with self._stepping:
+                    if retry.failures:
+                        self._recover()  # what a restart would do first: the failed try may have left either
+                    done.extend(self._step_task(task, now))
+            except Exception as e:  # contained: logged with its traceback, retried later, never a crash loop
+                retry.failures += 1
+                delay = min(self.config.learner.retry_s * 2 ** (retry.failures - 1), MAX_RETRY_S)
+                retry.at = time.monotonic() + delay
+                log.error(
+                    "event=training_failed task=%s failures=%d error_type=%s error=%r retry_in_s=%.1f",
+                    task, retry.failures, type(e).__name__, str(e), delay, exc_info=e,
+                )  # fmt: skip
+                continue
+            if retry.failures:
+                log.warning("event=training_recovered task=%s failures=%d", task, retry.failures)
+                self._retries[task] = _Retry()
         return done
 
     def _form(self, task: Task, now: bool) -> Experience | None:
@@ -186,7 +274,7 @@ class Learner:
         if earlier and earlier[0].id == self.labels.experiences(task)[0].id:
             seed_memory = [(t, y) for t, y in self.labels.examples(earlier[0].id, "train")]
         log.info("event=training task=%s experience=%d champion=%s", task, experience.id, champion)
-        candidate = train_candidate(
+        candidate = self.train(
             task,
             self.adapters,
             champion,
@@ -230,26 +318,51 @@ class Learner:
         once: bool = False,
         on_outcome: Callable[[Outcome], None] | None = None,
     ) -> list[Outcome]:
-        """Consume labels and learn until `stop`; with `once`, drain the topic, learn once and return."""
+        """Consume labels and learn until `stop`; with `once`, drain the topic, learn once and return.
+
+        This thread polls all along; the steps run on the worker, one at a time, and `on_outcome` is called here.
+        A step still running when `stop` is set is finished (polling goes on) before this returns. With `once`,
+        an exception of the step is raised here, and a batch of labels that cannot be stored is retried until it
+        is (or `stop`); without `once`, a failed step is logged and its task retried after `learner.retry_s`.
+        """
         self.start()
         outcomes: list[Outcome] = []
         first = True
-        while not stop.is_set():
+        running: Future[list[Outcome]] | None = None
+        seen = len(self.outcomes)
+        while running is not None or not stop.is_set():
             consumed = self.poll_labels(self.config.learner.poll_s)
-            if once and consumed:
-                continue  # drain what is there before deciding
-            for outcome in self.step(now=now and first):
-                outcomes.append(outcome)
-                if on_outcome is not None:
-                    on_outcome(outcome)
-            first = False
-            if once:
+            if running is not None:
+                if not running.done():
+                    continue  # the poll above kept this member in its group
+                error, running = running.exception(), None
+                # Read from the record, not the result: a step that raised may have decided some already.
+                for outcome in self.outcomes[seen:]:
+                    outcomes.append(outcome)
+                    if on_outcome is not None:
+                        on_outcome(outcome)
+                seen = len(self.outcomes)
+                if error is not None:
+                    raise error
+                if once:
+                    break
+            if stop.is_set():
                 break
+            if once and (consumed or self.consumer.retrying):
+                continue  # drain what is there before deciding
+            running = self._worker.submit(self.step if once else self._step_contained, now and first)
+            first = False
         return outcomes
 
     def close(self) -> None:
-        """Leave the consumer group and close the producer."""
+        """Leave the consumer group, wait for a step in progress to end, then close the producer.
+
+        A training cannot be interrupted; one that a kill cuts short instead is trained again at the next start.
+        """
         try:
             self.consumer.close()
         finally:
-            self.publisher.close()
+            try:
+                self._worker.shutdown(wait=True, cancel_futures=True)
+            finally:
+                self.publisher.close()  # last: a promotion announces itself on model.updates

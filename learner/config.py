@@ -93,3 +93,12 @@ class ContinualConfig(BaseModel):
         0.01, ge=0, lt=1, description="Held-out accuracy it may lose on any earlier experience (1 point)."
     )
     poll_s: float = Field(1.0, gt=0, le=60, description="How long one poll of news.labels waits.")
+    # A minute: a locked file or a broker away is usually back by then, and a task failing for good costs a
+    # log line per try, not a hot loop. The learner doubles it at each failure in a row, up to an hour.
+    retry_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="After a task's training step fails, wait this long before trying it again (doubles with "
+        "each failure in a row, up to an hour).",
+    )
