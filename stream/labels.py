@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -31,6 +30,7 @@ from stream.messages import (
     MAX_ID_CHARS,
     Invalid,
     Reason,
+    bad_characters,
     dead_letter,
     decode_object,
     parse_timestamp,
@@ -52,10 +52,6 @@ DEFAULT_MAX_POLL_INTERVAL_MS: Final = 300_000
 # longer. Polling goes on during the wait, so even the longest one never costs the group membership.
 RETRY_FIRST_S: Final = 0.5
 RETRY_MAX_S: Final = 30.0
-# In ids and labeller names no control or format character means anything (NUL, newlines, bidi marks); lone
-# surrogates (from `\ud800` escapes) cannot be written as UTF-8 at all. Texts keep tabs and line breaks.
-_ID_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs"})
-_TEXT_CONTROLS_ALLOWED: Final = frozenset("\t\n\r")
 
 
 def parse_label(value: bytes | None, max_text_bytes: int) -> LabelRow | Invalid:
@@ -75,7 +71,7 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> LabelRow | Invali
         return Invalid(Reason.EMPTY, f"{'id' if not label_id else 'text'!r} is empty")
     if len(label_id) > MAX_ID_CHARS:
         return Invalid(Reason.OVERSIZED, f"'id' has {len(label_id)} characters, the limit is {MAX_ID_CHARS}")
-    refused = _bad_characters("id", label_id) or _bad_characters("text", text, text=True)
+    refused = bad_characters("id", label_id) or bad_characters("text", text, text=True)
     if refused is not None:
         return refused
     size = len(text.encode("utf-8"))
@@ -101,7 +97,7 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> LabelRow | Invali
     labeller = payload.get("labeller")
     if labeller is not None and (not isinstance(labeller, str) or len(labeller) > MAX_LABELLER_CHARS):
         return Invalid(Reason.WRONG_TYPE, f"'labeller' must be a string of at most {MAX_LABELLER_CHARS} characters")
-    refused = _bad_characters("labeller", labeller) if labeller is not None else None
+    refused = bad_characters("labeller", labeller) if labeller is not None else None
     if refused is not None:
         return refused
     return LabelRow(
@@ -112,23 +108,6 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> LabelRow | Invali
         labelled_at=labelled_at,
         labeller=labeller,
     )
-
-
-def _bad_characters(name: str, value: str, *, text: bool = False) -> Invalid | None:
-    """Refuse lone surrogates everywhere, and control characters where they cannot mean anything."""
-    for position, char in enumerate(value):
-        category = unicodedata.category(char)
-        if category == "Cs":
-            return Invalid(
-                Reason.BAD_CHARACTERS,
-                f"{name!r} holds a lone UTF-16 surrogate at character {position}, which UTF-8 cannot carry",
-            )
-        if text:
-            if category == "Cc" and char not in _TEXT_CONTROLS_ALLOWED:
-                return Invalid(Reason.BAD_CHARACTERS, f"{name!r} holds the control character U+{ord(char):04X}")
-        elif category in _ID_CATEGORIES:
-            return Invalid(Reason.BAD_CHARACTERS, f"{name!r} holds the control character U+{ord(char):04X}")
-    return None
 
 
 def label_value(

@@ -118,8 +118,8 @@ def _encodable(value: str) -> bool:
     return True
 
 
-def _bad_characters(name: str, value: str, *, text: bool = False) -> Invalid | None:
-    """Refuse lone surrogates everywhere, and control characters where they cannot mean anything."""
+def bad_characters(name: str, value: str, *, text: bool = False) -> Invalid | None:
+    """Refuse lone surrogates everywhere, and control characters where they cannot mean anything (every contract)."""
     if not _encodable(value):
         return Invalid(Reason.BAD_CHARACTERS, f"{name!r} holds a lone UTF-16 surrogate, which UTF-8 cannot carry")
     for char in value:
@@ -149,7 +149,7 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> NewsItem | Invali
         return Invalid(Reason.EMPTY, "'id' is empty")
     if len(item_id) > MAX_ID_CHARS:
         return Invalid(Reason.OVERSIZED, f"'id' has {len(item_id)} characters, the limit is {MAX_ID_CHARS}")
-    refused = _bad_characters("id", item_id) or _bad_characters("text", text, text=True)
+    refused = bad_characters("id", item_id) or bad_characters("text", text, text=True)
     if refused is not None:
         return refused
     size = len(text.encode("utf-8"))
@@ -179,7 +179,7 @@ def _source(source: object) -> str | None | Invalid:
     source = source.strip()
     if len(source) > MAX_SOURCE_CHARS:
         return Invalid(Reason.OVERSIZED, f"'source' has {len(source)} characters, the limit is {MAX_SOURCE_CHARS}")
-    refused = _bad_characters("source", source)
+    refused = bad_characters("source", source)
     if refused is not None:
         return refused
     return source or None
@@ -195,7 +195,7 @@ def _tickers(tickers: object) -> tuple[str, ...] | Invalid:
         return Invalid(Reason.OVERSIZED, f"'tickers' has {len(tickers)} entries, the limit is {MAX_TICKERS}")
     normalised: list[str] = []
     for raw in tickers:
-        refused = _bad_characters("tickers", raw)
+        refused = bad_characters("tickers", raw)
         if refused is not None:
             return refused
         ticker = raw.strip().upper().lstrip("$")
@@ -226,6 +226,7 @@ def parse_timestamp(value: str) -> datetime | None:
 # A dead letter must fit the broker's default message limit (1 MB) even for a raw value near that limit, which
 # base64 would grow by a third: past this many bytes the raw value is cut, and `raw_bytes` keeps its size.
 MAX_DEAD_LETTER_RAW_BYTES = 256 * 1024
+MAX_DEAD_LETTER_BYTES = 900 * 1024
 
 
 def dead_letter(value: bytes | None, invalid: Invalid, topic: str, partition: int, offset: int) -> bytes:
@@ -253,7 +254,12 @@ def dead_letter(value: bytes | None, invalid: Invalid, topic: str, partition: in
         "dead_lettered_at": datetime.now(UTC).isoformat(),
     }
     # backslashreplace: a detail quoting a lone surrogate must still encode.
-    return json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    encoded = json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    if len(encoded) > MAX_DEAD_LETTER_BYTES and kept is not None:
+        # Control characters escape to six bytes each in JSON; base64 grows by a third whatever the bytes.
+        record["raw"], record["raw_encoding"] = base64.b64encode(kept).decode("ascii"), "base64"
+        encoded = json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    return encoded
 
 
 def news_value(item: NewsItem) -> bytes:
