@@ -20,6 +20,7 @@ from finpulse.errors import ConfigError, FinpulseError
 from learner.errors import LearnerError
 from monitor.errors import MonitorError
 from storage.errors import StorageError
+from stream import clientlog
 from stream.errors import StreamError
 
 KNOWN_ERRORS = (FinpulseError, LearnerError, MonitorError, StorageError, StreamError)
@@ -689,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    clientlog.install()  # kafka-python: warnings and errors once per kind per 5 minutes, nothing below
     # With --json, stdout carries only the JSON line; everything for people goes to stderr.
     console = Console(stderr=bool(getattr(args, "json", False)))
     try:

@@ -10,7 +10,7 @@ from finpulse.config import AppConfig
 from learner.model import Classifier
 from monitor.metrics import MetricsServer, ScorerMetrics
 from storage import History
-from stream.admin import ensure_topics
+from stream.admin import ensure_topics, require_broker
 from stream.broker import LocalBroker
 from stream.scorer import Scorer
 
@@ -33,6 +33,8 @@ def local_broker(config: AppConfig) -> LocalBroker:
 def connect(config: AppConfig, start_local: bool = True) -> Cluster:
     """Use the configured cluster, or start (or reuse) the local broker; make sure every topic exists."""
     if config.kafka.bootstrap_servers:
+        # Before any client: kafka-python would retry a bad address for 30 s per client, logging each try.
+        require_broker(config.kafka.bootstrap_servers)
         cluster = Cluster(config.kafka.bootstrap_servers, local=False)
     else:
         broker = local_broker(config)

@@ -102,8 +102,9 @@ OPTIONAL_FIELDS: Final = ("source", "tickers")
 _INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
 # In identifiers (id, source, tickers) no control or format character is meaningful: NUL, newlines, bidi marks.
 _CONTROL_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs"})
-# Texts are tweets and headlines: tabs and line breaks are normal, other C0/C1 controls (NUL...) are not.
-_TEXT_CONTROLS_ALLOWED: Final = frozenset("\t\n\r")
+# Texts are scraped tweets and headlines: stray controls (mojibake leaves U+009D in real tweets) are noise the
+# model ignores, but NUL is no text at all and breaks C-string tools downstream.
+_TEXT_REFUSED: Final = frozenset("\x00")
 # A ticker is a symbol: letters, digits and the separators exchanges use (BRK.B, BTC-USD, ES=F, ^GSPC, 600519.SS).
 _TICKER: Final = re.compile(r"^[^\W_][\w.\-=^/:&]{0,31}$")
 MAX_SOURCE_CHARS = 256
@@ -125,7 +126,7 @@ def bad_characters(name: str, value: str, *, text: bool = False) -> Invalid | No
     for char in value:
         category = unicodedata.category(char)
         if text:
-            if category == "Cc" and char not in _TEXT_CONTROLS_ALLOWED:
+            if char in _TEXT_REFUSED:
                 return Invalid(Reason.BAD_CHARACTERS, f"{name!r} holds the control character U+{ord(char):04X}")
         elif category in _CONTROL_CATEGORIES:
             return Invalid(Reason.BAD_CHARACTERS, f"{name!r} holds the control character U+{ord(char):04X}")

@@ -5,6 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -235,3 +242,77 @@ def test_demo_shows_the_selloff_alert_reaching_its_subscriber(
     assert alerts["resolved_after_s"] is not None and alerts["resolved_after_s"] > alerts["fired_after_s"]
     assert alerts["other_subscriber_notifications"] == 0
     assert "energy-desk received FIRING" in captured.err
+
+
+def _closed_port() -> str:
+    """Return `127.0.0.1:PORT` for a port nothing listens on (bound once by this process, then freed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def not_kafka() -> Iterator[str]:
+    """Yield `127.0.0.1:PORT` of a listener that answers every connection as a web server would."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [
+        ("closed port", "connection refused"),
+        ("unresolvable name", "host does not resolve"),
+        ("not a Kafka broker", "not a Kafka broker"),
+    ],
+    ids=["closed-port", "unresolvable-name", "not-kafka"],
+)
+def test_an_unusable_bootstrap_fails_fast_with_one_line(
+    kind: str, what: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "closed port":
+        bootstrap = _closed_port()
+    elif kind == "unresolvable name":
+        bootstrap = "no-such-host.invalid:9092"  # .invalid never resolves (RFC 2606)
+    else:
+        bootstrap = request.getfixturevalue("not_kafka")
+    env = {**os.environ, "FINPULSE_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "FINPULSE_KAFKA__DATA_DIR": str(tmp_path)}
+    argv = [sys.executable, "-m", "finpulse.cli", "score", "--duckdb-path", str(tmp_path / "h.duckdb")]
+    started = time.monotonic()
+    # The real command in its own process: what an operator sees, kafka-python's threads and logging included.
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    wall_s = time.monotonic() - started
+    request.node.user_properties.append(("wall_s", round(wall_s, 2)))  # measured, not asserted (target ≤ 10 s)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("finpulse score: error: cannot reach Kafka at ")
+    assert f"{bootstrap} ({what}" in lines[0] and "kafka.bootstrap_servers" in lines[0]
+    assert "FINPULSE_KAFKA__BOOTSTRAP_SERVERS" in lines[0]
+
+
+@pytest.mark.kafka
+def test_the_preflight_passes_a_real_broker_even_after_a_dead_server(kafka_bootstrap: str) -> None:
+    from stream.admin import require_broker
+
+    require_broker(kafka_bootstrap)
+    require_broker(f"{_closed_port()},{kafka_bootstrap}")  # clients bootstrap from any server that answers
