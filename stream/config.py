@@ -11,6 +11,10 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# kafka-python backs reconnects off up to 30 s: after a broker restart a client could sit out half a minute before
+# it even tries again. Two seconds between tries costs nothing on loopback or a LAN and bounds that wait.
+RECONNECT_BACKOFF_MAX_MS = 2_000
+
 _ASSIGNORS: dict[str, Any] = {
     "cooperative-sticky": CooperativeStickyAssignor,
     "range": RangePartitionAssignor,

@@ -25,7 +25,7 @@ from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from learner.labels import SENTIMENTS, TOPICS
 from storage import StorageError
 from storage.labels import LabelRow, LabelStore
-from stream.config import TopicNames
+from stream.config import RECONNECT_BACKOFF_MAX_MS, TopicNames
 from stream.messages import (
     MAX_ID_CHARS,
     Invalid,
@@ -167,8 +167,14 @@ class LabelConsumer:
             auto_offset_reset="earliest",
             client_id=f"{group_id}-labels",
             max_poll_interval_ms=max_poll_interval_ms,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         )
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5)
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            linger_ms=5,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+        )
         self._failing_since: float | None = None  # monotonic time of the first failure in a row
         self._failures = 0
         self._retry_at = 0.0

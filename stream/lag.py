@@ -19,6 +19,7 @@ from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
 from monitor.metrics import ScorerMetrics
+from stream.config import RECONNECT_BACKOFF_MAX_MS
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class LagMonitor:
                 bootstrap_servers=self._bootstrap,
                 client_id="finpulse-lag",
                 request_timeout_ms=_REQUEST_TIMEOUT_MS,
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             )
         if self._offsets is None:
             self._offsets = KafkaConsumer(
@@ -115,6 +117,7 @@ class LagMonitor:
                 client_id="finpulse-lag",
                 enable_auto_commit=False,
                 request_timeout_ms=_REQUEST_TIMEOUT_MS + 1_000,
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             )
         return self._admin, self._offsets
 

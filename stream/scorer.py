@@ -21,7 +21,7 @@ from learner.labels import Task
 from learner.model import Classifier, Prediction, TaskModel
 from monitor.metrics import ScorerMetrics
 from storage import History
-from stream.config import KafkaConfig, ScorerConfig, TopicNames
+from stream.config import RECONNECT_BACKOFF_MAX_MS, KafkaConfig, ScorerConfig, TopicNames
 from stream.containment import Containment, Stopping
 from stream.errors import StreamError
 from stream.lag import LagMonitor
@@ -109,6 +109,7 @@ class Scorer:
                 max_poll_records=config.max_batch,
                 # A slow CPU batch must not get the member evicted mid-batch.
                 max_poll_interval_ms=600_000,
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 **config.group_settings(),
             )
             self.producer = KafkaProducer(
@@ -117,6 +118,7 @@ class Scorer:
                 enable_idempotence=True,
                 linger_ms=5,
                 client_id="finpulse-scorer",
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             )
         except KafkaError as e:
             raise StreamError(f"cannot connect to Kafka at {bootstrap_servers}: {e}") from e
