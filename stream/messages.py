@@ -7,7 +7,7 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any, Final
 
@@ -64,6 +64,25 @@ MAX_ID_CHARS = 256
 MAX_TICKERS = 64
 
 
+class _AmbiguousJSON(ValueError):
+    """JSON that parsers disagree on: duplicate keys, NaN and Infinity (not JSON at all, RFC 8259)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # `{"id": "a", "id": "b"}` is one message to Python (the last wins) and another to a parser that keeps the
+    # first: the same bytes must not mean two things downstream.
+    found: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in found:
+            raise _AmbiguousJSON(f"the key {key[:40]!r} appears twice")
+        found[key] = item
+    return found
+
+
+def _no_constant(name: str) -> Any:
+    raise _AmbiguousJSON(f"{name} is not a JSON value")
+
+
 def decode_object(value: bytes | None) -> dict[str, Any] | Invalid:
     """Decode a Kafka value that must be a UTF-8 JSON object (the envelope of every finpulse topic)."""
     if value is None:
@@ -73,7 +92,9 @@ def decode_object(value: bytes | None) -> dict[str, Any] | Invalid:
     except UnicodeDecodeError as e:
         return Invalid(Reason.NOT_UTF8, f"value is not UTF-8: {e.reason} at byte {e.start}")
     try:
-        payload = json.loads(decoded)
+        payload = json.loads(decoded, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _AmbiguousJSON as e:
+        return Invalid(Reason.INVALID_JSON, f"value is not strict JSON: {e}")
     except json.JSONDecodeError as e:
         return Invalid(Reason.INVALID_JSON, f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}")
     except RecursionError:
@@ -89,8 +110,17 @@ def decode_object(value: bytes | None) -> dict[str, Any] | Invalid:
 
 def parse_news(value: bytes | None, max_text_bytes: int) -> NewsItem | Invalid:
     """Validate one `news.raw` value against the contract."""
+    limit = max_value_bytes(max_text_bytes)
+    if value is not None and len(value) > limit:
+        return Invalid(Reason.OVERSIZED, f"the value has {len(value)} bytes, the limit is {limit}")
     payload = decode_object(value)
     return payload if isinstance(payload, Invalid) else _validate(payload, max_text_bytes)
+
+
+def max_value_bytes(max_text_bytes: int) -> int:
+    """Return the largest `news.raw` value accepted: room for a text at its limit, escaped, and the other fields."""
+    # JSON may escape every character of a text as \uXXXX (6 bytes); ids, source and tickers are bounded too.
+    return 6 * max_text_bytes + 32 * 1024
 
 
 # The contract, once: which fields a `news.raw` value may carry and which are required. The history's schema
@@ -208,20 +238,42 @@ def _tickers(tickers: object) -> tuple[str, ...] | Invalid:
     return tuple(normalised)
 
 
+# RFC 3339's date-time (section 5.6): full date, `T` (or, as its note allows, a space), full time with optional
+# fraction, and `Z` or a ±hh:mm offset. Python's fromisoformat takes far more (week dates, basic format, no
+# seconds, ±hhmm, commas), which other consumers of news.scored would not.
+_RFC3339: Final = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$", re.ASCII
+)
+
+
 def parse_timestamp(value: str) -> datetime | None:
     """Parse RFC 3339 with an offset into UTC; None when it is not, or falls outside what UTC can hold."""
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+    match = _RFC3339.match(value)
+    if match is None:
         return None
-    # RFC 3339 requires an offset; a naive time would be guessed, so it is refused.
-    if parsed.tzinfo is None:
-        return None
+    year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
+    fraction, offset = match.group(7) or "", match.group(8)
+    # A leap second (23:59:60) is valid RFC 3339 that Python cannot hold: it is read as the last microsecond
+    # before it, which keeps its order among the other posts of that second.
+    leap = second == 60
+    microsecond = 999_999 if leap else int((fraction[1:] + "000000")[:6] or 0)
     try:
+        parsed = datetime(year, month, day, hour, minute, 59 if leap else second, microsecond, tzinfo=_offset(offset))
         # 0001-01-01T00:00:00+05:00 is a valid string whose UTC instant falls before year 1.
         return parsed.astimezone(UTC)
     except (OverflowError, ValueError):
         return None
+
+
+def _offset(text: str) -> timezone:
+    """Return the tzinfo of an RFC 3339 offset (`Z` or ±hh:mm)."""
+    if text in ("Z", "z"):
+        return UTC
+    sign = -1 if text[0] == "-" else 1
+    hours, minutes = int(text[1:3]), int(text[4:6])
+    if hours > 23 or minutes > 59:
+        raise ValueError(f"offset {text} is out of range")
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
 
 
 # A dead letter must fit the broker's default message limit (1 MB) even for a raw value near that limit, which

@@ -134,7 +134,7 @@ def test_mutated_valid_messages_never_escape(history: History, value: bytes) -> 
 
 
 def test_deeply_nested_json_is_dead_lettered(history: History) -> None:
-    for value in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+    for value in (b"[" * 20_000 + b"]" * 20_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
         assert _through(history, value) == "dead_lettered"
 
 
