@@ -130,14 +130,21 @@ def build_parser() -> Parser:
     demo.add_argument("--no-alerts", action="store_true", help="skip Prometheus, Alertmanager and the sell-off alert")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks (baseline and finpulse side by side)")
-    bench.add_argument("which", choices=["score", "cl"], help="score: scorer vs pipeline; cl: continual learning")
+    bench.add_argument(
+        "which",
+        choices=["score", "cl", "faults"],
+        help="score: scorer vs pipeline; cl: continual learning; faults: bad input, kills, broker restart",
+    )
     bench.add_argument("--messages", type=positive_int, default=1000, help="score: messages per contender")
-    bench.add_argument("--quick", action="store_true", help="cl: small experiences and one seed (a few minutes)")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="cl: small experiences and one seed (a few minutes); faults: fewer messages, 2 kills, no learner",
+    )
+    bench.add_argument("--kills", type=positive_int, help="faults: scorer SIGKILLs (default 5, 2 with --quick)")
     bench.add_argument("--seeds", type=positive_int, help="cl: how many seeds (default 3, 1 with --quick)")
     bench.add_argument("--json", action="store_true", help="print one JSON line")
-    bench.add_argument(
-        "--out", type=Path, help="where to write the JSON result (default results/bench-score.json or bench-cl.json)"
-    )
+    bench.add_argument("--out", type=Path, help="where to write the JSON result (default results/bench-<which>.json)")
 
     learn = sub.add_parser(
         "learn", parents=[common], help="run the learner: news.labels → new adapter versions, gated and promoted"
@@ -312,6 +319,8 @@ def cmd_bench(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     """Run a benchmark, write its JSON and print it."""
     if args.which == "cl":
         return _bench_cl(args, config, console)
+    if args.which == "faults":
+        return _bench_faults(args, config, console)
     from finpulse.bench import run_bench, write_result
 
     result = run_bench(config, args.messages, config.storage.duckdb_path.parent / "bench", console)
@@ -321,6 +330,24 @@ def cmd_bench(args: argparse.Namespace, config: AppConfig, console: Console) -> 
         sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
     else:
         console.print_json(json.dumps(result))
+        console.print(f"written to {out}")
+    return 0
+
+
+def _bench_faults(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Run the fault scenarios; the scorers and learners it starts get this command's --config and --set."""
+    from finpulse import faults
+
+    forward = [*(["--config", str(args.config)] if args.config else [])]
+    forward += [arg for key, value in args.settings for arg in ("--set", f"{key}={value}")]
+    settings = faults.FaultSettings.of(args.kills, args.quick)
+    result = faults.run_faults(config, settings, forward=forward, report=faults.Reporter(console, to_stderr=True))
+    out = args.out or Path("results/bench-faults-quick.json" if args.quick else "results/bench-faults.json")
+    faults.write_result(result, out)
+    if args.json:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        faults.print_result(result, console)
         console.print(f"written to {out}")
     return 0
 

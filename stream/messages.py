@@ -260,9 +260,13 @@ def parse_timestamp(value: str) -> datetime | None:
     try:
         parsed = datetime(year, month, day, hour, minute, 59 if leap else second, microsecond, tzinfo=_offset(offset))
         # 0001-01-01T00:00:00+05:00 is a valid string whose UTC instant falls before year 1.
-        return parsed.astimezone(UTC)
+        utc = parsed.astimezone(UTC)
     except (OverflowError, ValueError):
         return None
+    # Leap seconds are inserted at the end of a UTC day only: 14:30:60 is no time at all.
+    if leap and (utc.hour, utc.minute) != (23, 59):
+        return None
+    return utc
 
 
 def _offset(text: str) -> timezone:

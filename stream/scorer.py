@@ -31,9 +31,10 @@ from stream.updates import ModelSwapper, SwapMetrics, UpdateListener
 
 log = logging.getLogger(__name__)
 
-# An outage (storage or broker down) is re-probed after 1 s, then less and less often, at most every 15 s.
+# An outage (storage or broker down) is re-probed after 1 s, then less and less often, at most every 5 s: a
+# probe is one metadata request or one empty transaction, and a longer gap is time lost after the server is back.
 _OUTAGE_FIRST_S = 1.0
-_OUTAGE_MAX_S = 15.0
+_OUTAGE_MAX_S = 5.0
 
 # kafka-python's ConsumerRecord; typed loosely because the library ships no annotations.
 Record = Any

@@ -133,6 +133,8 @@ def test_deep_json_is_refused_before_or_by_the_parser(depth: int, reason: Reason
         ("2024-03-01t12:00:00.25z", datetime(2024, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)),
         ("2024-03-01 17:30:00+05:30", datetime(2024, 3, 1, 12, tzinfo=UTC)),
         ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)),  # a leap second
+        ("2016-12-31T18:59:60-05:00", datetime(2016, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)),
+        ("2024-03-01T14:30:60Z", None),  # leap seconds end a UTC day only
         ("2024-03-01T12:00Z", None),  # no seconds
         ("20240301T120000Z", None),  # ISO 8601 basic format
         ("2024-W09-5T12:00:00Z", None),  # week date
