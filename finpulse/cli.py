@@ -156,7 +156,9 @@ def build_parser() -> Parser:
 
     subscribe = sub.add_parser("subscribe", parents=[common], help="add an alert subscription (a webhook + filters)")
     subscribe.add_argument("name", help="a unique name for the subscription, e.g. fx-desk")
-    subscribe.add_argument("--url", required=True, help="http(s) webhook that receives the alerts")
+    subscribe.add_argument(
+        "--url", required=True, help="https webhook that receives the alerts (http only for dispatcher.allowed_hosts)"
+    )
     subscribe.add_argument("--topic", action="append", default=[], help="only alerts on this topic (repeatable)")
     subscribe.add_argument("--ticker", action="append", default=[], help="only alerts on this ticker (repeatable)")
     subscribe.add_argument(
@@ -445,8 +447,15 @@ def cmd_subscribe(args: argparse.Namespace, config: AppConfig, console: Console)
         topics=args.topic,
         tickers=args.ticker,
         min_severity=args.min_severity,
+        allowed_hosts=config.dispatcher.allowed_hosts,
     )
     console.print(f"subscription {sub.id} {sub.name!r} → {sub.target_url}: {_filters(sub)}", highlight=False)
+    # The only time it is shown: `subscriptions` masks it. The subscriber verifies deliveries with it.
+    console.print(
+        f"signing secret (shown once; give it to the subscriber to verify webhook-signature): {sub.secret}",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -462,17 +471,20 @@ def cmd_unsubscribe(args: argparse.Namespace, config: AppConfig, console: Consol
 
 
 def cmd_subscriptions(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
-    """List subscriptions as a table."""
+    """List subscriptions as a table; signing secrets are masked."""
     from rich.table import Table
+    from rich.text import Text
 
-    from monitor.subscriptions import list_subscriptions
+    from monitor.subscriptions import list_subscriptions, mask_secret
     from storage import AlertStore
 
     table = Table(title="subscriptions", title_justify="left")
-    for column in ("id", "name", "webhook", "filters", "active"):
+    for column in ("id", "name", "webhook", "filters", "secret", "active"):
         table.add_column(column)
     for sub in list_subscriptions(AlertStore(config.storage), include_inactive=args.all):
-        table.add_row(str(sub.id), sub.name, sub.target_url, _filters(sub), "yes" if sub.active else "no")
+        row = (str(sub.id), sub.name, sub.target_url, _filters(sub), mask_secret(sub.secret))
+        # Stored rows print as text, never as console markup (a name from an older finpulse may hold "[").
+        table.add_row(*(Text(cell) for cell in row), "yes" if sub.active else "no")
     Console().print(table)
     return 0
 
@@ -504,7 +516,11 @@ def cmd_dispatch(args: argparse.Namespace, config: AppConfig, console: Console) 
     dispatcher = Dispatcher(settings, AlertStore(config.storage), on_delivery=show).start()
     stop = threading.Event()
     _stop_on_signals(stop)
-    console.print(f"dispatching Alertmanager notifications posted to {dispatcher.webhook_url}")
+    console.print(
+        f"dispatching Alertmanager notifications posted to {dispatcher.webhook_url} "
+        "(with Authorization: Bearer <dispatcher.token>)",
+        highlight=False,
+    )
     try:
         stop.wait()
     finally:

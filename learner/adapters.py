@@ -1,4 +1,11 @@
-"""Adapters on disk: `<adapters_dir>/<task>/<version>/` in peft format with a model card, and a champion per task."""
+"""Adapters on disk: `<adapters_dir>/<task>/<version>/` in peft format with a model card, and a champion per task.
+
+Beside peft's `adapter_config.json` and weights, a version holds what Hugging Face readers look for: `config.json`
+(the base model's config with the task's `id2label`/`label2id`) and `README.md` (a model card with hub metadata),
+both derived from `model_card.json` by `write_hub_files`. The labels cannot live in `adapter_config.json`: peft
+0.13 builds its `LoraConfig` from every key there and refuses unknown ones, and neither peft nor transformers
+reads labels from it; `AutoConfig.from_pretrained(<version dir>)` reads `config.json`.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from learner import model_card
+from learner.encoder import base_model_path
 from learner.errors import ModelLoadError
-from learner.labels import TASKS, Task
+from learner.labels import TASKS, Task, labels_of
 
 CARD_FILE = "model_card.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+HUB_CONFIG_FILE = "config.json"
+README_FILE = "README.md"
+# The hub id `learner.training.save_adapter` records for the packaged base encoder. It is training.PACKAGED_BASE_ID,
+# repeated because training imports this module; tests/test_model_card.py keeps the two equal.
+PACKAGED_BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 CHAMPION_FILE = "CHAMPION"
 STAGING_PREFIX = ".tmp-"
 _VERSION = re.compile(r"^(sentiment|topic)-v(\d+)$")
@@ -106,6 +121,7 @@ class AdapterStore:
         if target.exists():
             # os.rename would silently replace an empty directory and fail on a full one.
             raise ModelLoadError(f"cannot commit {version}: {target} exists already; stage the next version")
+        write_hub_files(staging)  # written here, so every committed version has them and they are fsynced below
         for path in sorted(staging.rglob("*")):
             if path.is_file():
                 _fsync(path)
@@ -170,6 +186,65 @@ class AdapterStore:
     def champions(self) -> dict[str, str]:
         """Return the champion of every task."""
         return {task: self.champion(task) for task in TASKS}
+
+
+def write_hub_files(version_dir: Path) -> None:
+    """Write `config.json` (labels) and `README.md` (model card) of a version from its model card and adapter config.
+
+    Regenerating them changes nothing else in the version: the adapter and its weights stay as they are.
+    """
+    card = ModelCard.read(version_dir / CARD_FILE)
+    adapter_config = _read_json(version_dir / ADAPTER_CONFIG_FILE)
+    base = str(adapter_config.get("base_model_name_or_path") or "")
+    config = hub_config(card, _read_json(_base_dir(base, version_dir) / HUB_CONFIG_FILE), base)
+    (version_dir / HUB_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (version_dir / README_FILE).write_text(model_card.render(asdict(card)), encoding="utf-8")
+
+
+def hub_config(card: ModelCard, base_config: dict[str, Any], base: str) -> dict[str, Any]:
+    """Return the transformers config of base + adapter: the base's, with the card's labels and a classifier class."""
+    expected = next((list(labels_of(task)) for task in TASKS if task == card.task), None)
+    if expected is None or card.labels != expected:
+        raise ModelLoadError(
+            f"model card of {card.version} lists labels {card.labels}, but the {card.task} classifier outputs "
+            f"{expected}: fix the card's `task` or `labels`"
+        )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    config = dict(base_config)
+    classifier = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(str(config.get("model_type")))
+    if classifier is not None:
+        config["architectures"] = [classifier]
+    config.update(
+        # transformers derives num_labels from id2label; it is written too for readers that do not.
+        _name_or_path=base,
+        id2label={str(i): label for i, label in enumerate(card.labels)},
+        label2id={label: i for i, label in enumerate(card.labels)},
+        num_labels=len(card.labels),
+        problem_type="single_label_classification",
+    )
+    return config
+
+
+def _base_dir(base: str, version_dir: Path) -> Path:
+    """Return the local directory of the base model an adapter config names: the packaged one, or a path."""
+    try:
+        return base_model_path("" if base == PACKAGED_BASE_ID else base)
+    except ModelLoadError as e:
+        raise ModelLoadError(
+            f"{version_dir / ADAPTER_CONFIG_FILE} names base model {base!r}, which is neither the packaged "
+            f"{PACKAGED_BASE_ID} nor a local model directory: {e}"
+        ) from e
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} holds no JSON object")
+    return raw
 
 
 def _version_number(version: str) -> int:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from learner.adapters import CARD_FILE, ModelCard, now_utc
+from learner.adapters import CARD_FILE, ModelCard, now_utc, write_hub_files
 from learner.config import ModelConfig, TrainConfig
 from learner.datasets import Example
 from learner.encoder import base_model_path, load_classifier_base, load_tokenizer
@@ -220,4 +220,5 @@ def train_adapter(
         hyperparameters={**train_config.model_dump(), "epochs_used": epochs, "steps": total},
     )
     (out_dir / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+    write_hub_files(out_dir)  # config.json with the label names and the model card, in place of peft's template
     return TrainResult(version, out_dir, metrics, train_s)
