@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from pydantic import SecretStr
 
 from learner.datasets import Example, tfns_sentiment
 from monitor.config import AlertRulesConfig, DispatcherConfig, PrometheusConfig
@@ -55,6 +58,8 @@ class Received:
     subscriber: str
     at: float
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
+    raw: bytes = b""  # the body as sent, which the signature covers
 
 
 @dataclass
@@ -80,7 +85,8 @@ class Subscribers:
                     if failing:
                         owner.failures_left[name] -= 1
                     else:
-                        event = Received(name, time.monotonic(), json.loads(body or b"{}"))
+                        headers = {key.lower(): value for key, value in self.headers.items()}
+                        event = Received(name, time.monotonic(), json.loads(body or b"{}"), headers, body)
                         owner.received.append(event)
                 self.send_response(500 if failing else 200)
                 self.end_headers()
@@ -110,7 +116,11 @@ class Subscribers:
 
 
 class AlertStack:
-    """Prometheus + Alertmanager + dispatcher on loopback ports, with the compressed-time presets."""
+    """Prometheus + Alertmanager + dispatcher on loopback ports, with the compressed-time presets.
+
+    Alertmanager authenticates to the dispatcher with the dispatcher's token: the configured one (token or
+    token_file), else a random one made here and handed to Alertmanager in a 0600 file, never in its YAML.
+    """
 
     def __init__(
         self,
@@ -127,18 +137,33 @@ class AlertStack:
         self.alertmanager = LocalAlertmanager(prometheus_config)
         self.store = AlertStore(storage)
         settings = dispatcher if dispatcher is not None else DispatcherConfig(port=0, initial_backoff_s=0.5)
+        if settings.token is None and settings.token_file is None:
+            settings = settings.model_copy(update={"token": SecretStr(secrets.token_urlsafe(32))})
+        self._settings = settings
         self.dispatcher = Dispatcher(settings, self.store, on_delivery=on_delivery)
         self._targets: list[str] = []
 
-    def subscribe(self, name: str, url: str, topics: tuple[str, ...] = (), min_severity: str = "info") -> None:
-        """Add a subscription."""
-        add_subscription(self.store, name=name, target_url=url, topics=topics, min_severity=min_severity)
+    def subscribe(self, name: str, url: str, topics: tuple[str, ...] = (), min_severity: str = "info") -> str:
+        """Add a subscription; return its signing secret."""
+        added = add_subscription(
+            self.store,
+            name=name,
+            target_url=url,
+            topics=topics,
+            min_severity=min_severity,
+            allowed_hosts=self._settings.allowed_hosts,
+        )
+        if added.secret is None:
+            raise RuntimeError("add_subscription returned a subscription without its secret")
+        return added.secret
 
     def start(self, scrape_targets: list[str]) -> AlertStack:
         """Start the dispatcher, then Alertmanager pointing at it, then Prometheus scraping the scorers."""
         self._targets = list(scrape_targets)
         self.dispatcher.start()
-        alertmanager_url = self.alertmanager.start(self.dispatcher.webhook_url)
+        alertmanager_url = self.alertmanager.start(
+            self.dispatcher.webhook_url, bearer_token=self._settings.token, bearer_token_file=self._settings.token_file
+        )
         self.prometheus.start(scrape_targets, alertmanager_url=alertmanager_url, rules=self.rules)
         return self
 

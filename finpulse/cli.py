@@ -520,6 +520,7 @@ def cmd_dispatch(args: argparse.Namespace, config: AppConfig, console: Console) 
         f"dispatching Alertmanager notifications posted to {dispatcher.webhook_url} "
         "(with Authorization: Bearer <dispatcher.token>)",
         highlight=False,
+        soft_wrap=True,
     )
     try:
         stop.wait()

@@ -1,10 +1,11 @@
 """Typed configuration of the metrics endpoint, the alert dispatcher, the alert rules and the local Prometheus."""
 
+import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Final, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
 
 class MetricsConfig(BaseModel):
@@ -21,18 +22,94 @@ class MetricsConfig(BaseModel):
     )
 
 
+# RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
+TOKEN_PATTERN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# 16 characters of secrets.token_urlsafe carry 96 bits; `local` stacks generate 43 (256 bits).
+TOKEN_MIN_LENGTH: Final = 16
+TOKEN_HINT: Final = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+# Loopback only: the local demo's subscribers listen on http://127.0.0.1.
+DEFAULT_ALLOWED_HOSTS: Final[tuple[str, ...]] = ("127.0.0.1", "localhost")
+# Names that reach a cloud's instance metadata (credentials) from inside the instance.
+METADATA_HOSTS: Final[frozenset[str]] = frozenset(
+    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"}
+)
+METADATA_ADDRESSES: Final[frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]] = frozenset(
+    ipaddress.ip_address(text)
+    # AWS/GCP/Azure/OpenStack, AWS ECS task metadata, AWS over IPv6, Alibaba Cloud.
+    for text in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200")
+)
+
+
+def _comma_separated(value: object) -> object:
+    """Accept `a,b` from an environment variable for a list field."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _allowed_host(text: str) -> str:
+    """Normalise one allowed host (lower case, no brackets or trailing dot); refuse metadata and unroutable ones."""
+    host = text.strip().lower().removeprefix("[").removesuffix("]").removesuffix(".")
+    if not host or any(char in host for char in "/@?# ") or not host.isprintable():
+        raise ValueError(f"{text!r} is not a host name or IP address; give names like 127.0.0.1 or hooks.internal")
+    if host in METADATA_HOSTS:
+        raise ValueError(f"{host!r} is a cloud metadata name and can never be allowed")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address in METADATA_ADDRESSES or address.is_link_local or address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{host} is a metadata, link-local, unspecified or multicast address and can never be allowed")
+    return address.compressed
+
+
+AllowedHosts = Annotated[tuple[Annotated[str, AfterValidator(_allowed_host)], ...], BeforeValidator(_comma_separated)]
+
+
 class DispatcherConfig(BaseModel):
-    """Where the alert dispatcher receives Alertmanager's webhook and how it retries deliveries."""
+    """Where the alert dispatcher receives Alertmanager's webhook, who may post to it, and how it delivers."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    # Loopback by default: the webhook has no authentication, so only a local Alertmanager should reach it.
+    # Loopback by default: even with the token, only a local Alertmanager needs to reach the webhook.
     host: str = Field("127.0.0.1", min_length=1, description="Interface the dispatcher listens on.")
     port: int = Field(
         9466,
         ge=0,
         le=65535,
         description="Port of the dispatcher; 0 picks a free one (env FINPULSE_DISPATCHER__PORT).",
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token Alertmanager must send (`Authorization: Bearer <token>`); the dispatcher "
+        "refuses to start without it or token_file (env FINPULSE_DISPATCHER__TOKEN). Never printed.",
+    )
+    token_file: Path | None = Field(
+        None,
+        description="File holding the token instead, e.g. a Docker secret; read at start, surrounding "
+        "whitespace ignored (env FINPULSE_DISPATCHER__TOKEN_FILE). Give Alertmanager the same file as "
+        "http_config.authorization.credentials_file.",
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest webhook body accepted (413 above). A notification is about 1 KB per alert, so "
+        "1 MiB holds a group of ~1,000 alerts; Alertmanager groups by alertname, topic and ticker.",
+    )
+    queue_size: int = Field(
+        1000,
+        ge=1,
+        description="Deliveries one subscriber may have waiting; past it a new one is given up with the reason "
+        "(a critical one makes room by giving up the newest non-critical one). Bounds memory and how stale "
+        "a backlog gets: at one attempt per second, 1,000 waiting is a quarter of an hour behind.",
+    )
+    allowed_hosts: AllowedHosts = Field(
+        DEFAULT_ALLOWED_HOSTS,
+        description="Subscriber hosts that may take plain http and may be (or resolve to) loopback addresses. "
+        "Loopback by default, so the local demo's http://127.0.0.1 subscribers work; set it to [] in "
+        "production (env FINPULSE_DISPATCHER__ALLOWED_HOSTS, comma-separated). Metadata, link-local, "
+        "unspecified and multicast addresses stay refused whatever this says.",
     )
     attempts: int = Field(5, ge=1, le=50, description="Delivery attempts per alert and subscriber, the first included.")
     initial_backoff_s: float = Field(
@@ -50,6 +127,27 @@ class DispatcherConfig(BaseModel):
                 f"initial_backoff_s ({self.initial_backoff_s:g})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Self:
+        """Refuse both token sources, and a token too short or not fit for a header (without showing it)."""
+        # A model-level check: a field-level error would carry the token itself as its input.
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set dispatcher.token or dispatcher.token_file, not both")
+        if self.token is not None:
+            check_token(self.token.get_secret_value(), "dispatcher.token")
+        return self
+
+
+def check_token(token: str, origin: str) -> str:
+    """Return the bearer token if it is long enough and header-safe; raise ValueError without echoing it."""
+    if len(token) < TOKEN_MIN_LENGTH:
+        raise ValueError(
+            f"{origin}: {len(token)} characters is too short; use at least {TOKEN_MIN_LENGTH}, {TOKEN_HINT}"
+        )
+    if not TOKEN_PATTERN.fullmatch(token):
+        raise ValueError(f"{origin}: use only letters, digits and -._~+/ (then = padding); {TOKEN_HINT}")
+    return token
 
 
 # -- alert rules and the local Prometheus -----------------------------------------------------------------

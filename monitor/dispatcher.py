@@ -2,6 +2,9 @@
 
 Flow of one `POST /alertmanager` (Alertmanager webhook JSON, version "4"):
 
+0. Authenticate: the request must carry `Authorization: Bearer <dispatcher.token>` (401 otherwise, compared
+   in constant time), and a body of at most `dispatcher.max_body_bytes` (413) nested at most
+   `MAX_JSON_DEPTH` levels (400). The token is checked before the body is read.
 1. Parse and validate the payload. Alerts that break the label contract are recorded with the
    reason and not delivered; the others go on. Any refusal answers 400 with the reasons, because
    Alertmanager does not retry a 4xx, and resending the same bytes would fail the same way.
@@ -11,12 +14,23 @@ Flow of one `POST /alertmanager` (Alertmanager webhook JSON, version "4"):
 3. Answer 200 only then: a crash before the commit leaves Alertmanager without an answer, so it
    retries. A failed commit answers 500 for the same reason.
 4. Hand each claim to its subscriber's queue. Every subscriber has its own worker thread, so a slow
-   or failing subscriber delays only its own deliveries, which stay in order (a resolved alert never
-   overtakes its firing one). Retries back off exponentially with jitter; every attempt is recorded.
+   or failing subscriber delays only its own deliveries. Its queue has two lanes, critical alerts and the
+   rest, each in arrival order (a resolved alert never overtakes its firing one, which has the same
+   severity); the worker takes the critical lane first, and a delivery waiting out a retry's backoff
+   (exponential, with jitter) holds up only its own lane. The queue holds `dispatcher.queue_size`
+   deliveries: past it a new one is given up at once with the reason, never blocking the webhook, and a
+   critical one makes room by giving up the newest non-critical one. Every attempt is recorded.
+5. Before every attempt, check the URL again (a row stored under an older, looser check) and resolve its
+   host: if any address is refused (monitor.subscriptions.address_refusal), give the delivery up without
+   sending anything. Otherwise connect to those vetted addresses themselves, so a DNS answer that changes
+   in between (rebinding) cannot redirect the request. Proxy variables (HTTP_PROXY…) are not used: a proxy
+   would resolve the name itself.
 
 Delivery is at least once: a claim stays open until delivered or given up, and `start()` resumes the
-open ones. Each POST carries an `Idempotency-Key` so a subscriber can drop a retry it already got.
-Run one dispatcher per DuckDB file: two would both resume the same open claims.
+open ones. Each POST is signed per the Standard Webhooks spec (`webhook-id`, `webhook-timestamp`,
+`webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` keyed by the subscription's
+secret) and carries `Idempotency-Key` (= `webhook-id`), so a subscriber can check who sent it and drop a
+retry it already got. Run one dispatcher per DuckDB file: two would both resume the same open claims.
 
 `GET /metrics` on the same server exposes the dispatcher's registry (`DeliveryMetrics`): every attempt and
 every final outcome per subscriber, and each subscriber's queue depth, read at scrape time.
@@ -24,21 +38,25 @@ every final outcome per subscriber, and each subscriber's queue depth, read at s
 
 from __future__ import annotations
 
+import base64
+import collections
 import datetime as dt
 import hashlib
+import hmac
 import http.client
 import json
 import logging
-import queue
 import random
+import re
+import socket
+import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter
@@ -47,9 +65,19 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from learner.labels import TOPICS
-from monitor.config import DispatcherConfig
-from monitor.errors import DispatchError
-from monitor.subscriptions import SEVERITIES, normalize_ticker, route, severity_rank
+from monitor.config import TOKEN_HINT, DispatcherConfig, check_token
+from monitor.errors import DispatchError, SubscriptionError
+from monitor.subscriptions import (
+    SECRET_PREFIX,
+    SEVERITIES,
+    check_target_url,
+    is_allowed_host,
+    new_secret,
+    normalize_ticker,
+    resolve_target,
+    route,
+    severity_rank,
+)
 from storage.alerts import (
     AlertRecord,
     AlertStore,
@@ -72,6 +100,7 @@ __all__ = [
     "Dispatcher",
     "alert_text",
     "parse_alert",
+    "sign",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,9 +108,16 @@ log = logging.getLogger(__name__)
 WEBHOOK_PATH: Final = "/alertmanager"
 HEALTH_PATH: Final = "/healthz"
 METRICS_PATH: Final = "/metrics"
-# Alertmanager's notifications are a few KB; this only stops a runaway client from filling memory.
-MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+# An Alertmanager notification nests 4 levels (body, alerts, alert, labels); past 32 is no notification, and
+# json.loads of 100,000 levels raises RecursionError. Checked before parsing.
+MAX_JSON_DEPTH: Final = 32
 _USER_AGENT: Final = "finpulse-dispatcher/0.1"
+# A JSON string (escapes included) and the brackets outside strings, for the depth check.
+_JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET: Final = re.compile(rb"[\[\]{}]")
+# What a refused request may still send after its answer, read and dropped: a 1.2 MB notification reads its
+# 413 instead of a broken pipe.
+_DRAIN_BYTES: Final = 8 * 1024 * 1024
 # What a subscriber may answer before the rest is discarded; only the status code matters.
 _RESPONSE_READ_BYTES: Final = 64 * 1024
 # 408/425/429 say "try later"; any other 4xx (and 3xx: redirects are not followed) will not change.
@@ -199,8 +235,10 @@ class Dispatcher:
         self._workers_lock = threading.Lock()
         self._outstanding = 0
         self._idle = threading.Condition()
-        # The default opener follows a 30x of a POST as a GET without the body; refuse redirects instead.
-        self._opener = urllib.request.build_opener(_NoRedirect())
+        self._token_digest: bytes | None = None
+        # Secrets given at first delivery to subscriptions stored before schema v5, by subscription id.
+        self._secrets: dict[int, str] = {}
+        self._tls = ssl.create_default_context()
 
     @property
     def url(self) -> str:
@@ -215,15 +253,21 @@ class Dispatcher:
         return self.url + WEBHOOK_PATH
 
     @property
+    def max_body_bytes(self) -> int:
+        """Return the largest webhook body accepted."""
+        return self._config.max_body_bytes
+
+    @property
     def pending(self) -> int:
         """Return how many deliveries are queued or in progress."""
         with self._idle:
             return self._outstanding
 
     def start(self) -> Dispatcher:
-        """Create the tables, listen, and resume the deliveries a previous run left open."""
+        """Read the token, create the tables, listen, and resume the deliveries a previous run left open."""
         if self._server is not None:
             raise DispatchError("the dispatcher is already started")
+        self._token_digest = hashlib.sha256(_load_token(self._config).encode("utf-8")).digest()
         self._store.ensure_schema()
         try:
             server = _Server((self._config.host, self._config.port), self)
@@ -240,8 +284,7 @@ class Dispatcher:
             server.server_close()
             self._server = None
             raise
-        for claim in resumed:
-            self._enqueue(claim)
+        self._enqueue_all(resumed)
         self._serve_thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="finpulse-dispatcher", daemon=True
         )
@@ -285,6 +328,15 @@ class Dispatcher:
         with self._idle:
             return self._idle.wait_for(lambda: self._outstanding == 0, timeout=timeout_s)
 
+    def authorized(self, authorization: str | None) -> bool:
+        """Return whether an Authorization header carries the dispatcher's bearer token."""
+        if self._token_digest is None or not authorization:
+            return False
+        scheme, _, credentials = authorization.strip().partition(" ")
+        # Digests of equal length: compare_digest then takes the same time whatever the length sent.
+        offered = hashlib.sha256(credentials.strip().encode("utf-8", errors="replace")).digest()
+        return hmac.compare_digest(offered, self._token_digest) and scheme.lower() == "bearer"
+
     def receive(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """Handle one webhook body: record, claim, enqueue; return the HTTP status and the JSON answer."""
         received_at = dt.datetime.now(dt.UTC)
@@ -312,8 +364,7 @@ class Dispatcher:
                 # Retrying an unparseable body cannot succeed, whether or not it was recorded.
                 return 400, {"status": "rejected", "error": error}
             return 500, {"status": "error", "error": f"could not record the alerts: {e}"}
-        for claim in result.claims:
-            self._enqueue(claim)
+        given_up = self._enqueue_all(result.claims)
         log.info(
             _kv(
                 event="notification_received",
@@ -323,24 +374,40 @@ class Dispatcher:
                 refused=len(rejected),
                 deliveries=len(result.claims),
                 duplicates=result.duplicates,
+                given_up=given_up or None,
                 error=error,
             )
         )
         return _answer(result, alerts, rejected, error)
 
-    def _enqueue(self, claim: Claim) -> None:
-        """Queue a delivery on its subscriber's worker, starting the worker on first use."""
+    def _enqueue_all(self, claims: Sequence[Claim]) -> int:
+        """Queue deliveries on their subscribers' workers; give up, in one write, those no queue has room for."""
+        given_up: list[tuple[Claim, str]] = []
+        for claim in claims:
+            dropped = self._enqueue(claim)
+            if dropped is not None:
+                given_up.append(dropped)
+        self._give_up(given_up)
+        return len(given_up)
+
+    def _enqueue(self, claim: Claim) -> tuple[Claim, str] | None:
+        """Queue a delivery, starting its subscriber's worker on first use; return the one given up, if any."""
         with self._workers_lock:
             if self._stopping.is_set():
-                return  # the claim stays open in DuckDB and resumes at the next start
+                return None  # the claim stays open in DuckDB and resumes at the next start
             worker = self._workers.get(claim.subscription.id)
             if worker is None:
                 self.metrics.declare(claim.subscription.name)
-                worker = _SubscriberWorker(claim.subscription, self._deliver, self._finished, self._stopping)
+                worker = _SubscriberWorker(
+                    claim.subscription, self._attempt, self._finished, self._stopping, self._config.queue_size
+                )
                 self._workers[claim.subscription.id] = worker
             with self._idle:
                 self._outstanding += 1
-            worker.put(claim)
+            dropped = worker.put(claim)
+        if dropped is not None:
+            self._finished()  # one in, one out: the new one or the one it displaced
+        return dropped
 
     def _queue_depths(self) -> dict[str, int]:
         """Return the deliveries queued or in progress per subscriber name."""
@@ -358,88 +425,162 @@ class Dispatcher:
             if self._outstanding == 0:
                 self._idle.notify_all()
 
-    def _deliver(self, claim: Claim) -> None:
-        """Make one delivery with retries; return when delivered, given up, or stopping."""
-        subscription, alert = claim.subscription, claim.alert
+    def _give_up(self, dropped: Sequence[tuple[Claim, str]]) -> None:
+        """Record deliveries given up before any attempt (a full queue), in one transaction, and report them."""
+        if not dropped:
+            return
+        now = dt.datetime.now(dt.UTC)
+        records = [
+            AttemptRecord(
+                key=claim.key,
+                attempt=claim.attempts_made + 1,
+                attempted_at=now,
+                outcome="gave_up",
+                http_status=None,
+                error=reason,
+                latency_ms=0.0,
+            )
+            for claim, reason in dropped
+        ]
+        try:
+            self._store.record_attempts(records)
+        except StorageError as e:
+            # Left open, they resume (or are given up again) at the next start.
+            log.error(_kv(event="attempts_not_recorded", deliveries=len(records), error=str(e)))
+        counts = collections.Counter(claim.subscription.name for claim, _ in dropped)
+        reasons = {claim.subscription.name: reason for claim, reason in reversed(dropped)}  # the first of each
+        for name, count in counts.items():
+            self.metrics.deliveries.labels(subscriber=name, outcome="given_up").inc(count)
+            # One line per subscriber, not per delivery: a flood gives up thousands at once.
+            log.warning(_kv(event="deliveries_given_up", subscription=name, deliveries=count, reason=reasons[name]))
+        if self._on_delivery is not None:
+            for (claim, _), record in zip(dropped, records, strict=True):
+                self._notify(_event(claim, record, retry_in_s=None))
+
+    def _attempt(self, job: _Job) -> float | None:
+        """Make one attempt of a delivery; return the backoff before the next, or None when it has ended."""
+        claim = job.claim
+        subscription, key = claim.subscription, claim.key
         # A resumed delivery gets at least one more try, even if attempts was lowered meanwhile.
         budget = max(self._config.attempts, claim.attempts_made + 1)
-        key = claim.key
-        body = json.dumps(subscriber_payload(claim), ensure_ascii=False).encode("utf-8")
+        job.attempts += 1
+        attempt = job.attempts
+        if job.body is None:
+            job.body = json.dumps(subscriber_payload(claim), ensure_ascii=False).encode("utf-8")
+        attempted_at = dt.datetime.now(dt.UTC)
+        started = time.perf_counter()
+        answer = self._post(subscription, _message_id(claim), job.body)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        if answer.sent:
+            self.metrics.attempts.labels(subscriber=subscription.name, outcome=answer.outcome).inc()
+        if answer.error is None:
+            outcome = "delivered"
+        elif answer.retryable and attempt < budget:
+            outcome = "failed"
+        else:
+            outcome = "gave_up"
+        if outcome != "failed":
+            final = "delivered" if outcome == "delivered" else "given_up"
+            self.metrics.deliveries.labels(subscriber=subscription.name, outcome=final).inc()
+        retry_in_s = self._backoff(attempt) if outcome == "failed" else None
+        record = AttemptRecord(
+            key=key,
+            attempt=attempt,
+            attempted_at=attempted_at,
+            outcome=outcome,
+            http_status=answer.http_status,
+            error=answer.error,
+            latency_ms=latency_ms,
+        )
+        try:
+            self._store.record_attempt(record)
+        except StorageError as e:
+            # The subscriber has its answer either way; losing the audit row beats stalling deliveries.
+            log.error(_kv(event="attempt_not_recorded", subscription=subscription.name, error=str(e)))
+        self._report(_event(claim, record, retry_in_s=retry_in_s))
+        return retry_in_s
+
+    def _post(self, subscription: SubscriptionRow, message_id: str, body: bytes) -> _Answer:
+        """Vet the target, then POST the signed body once to a vetted address of its host."""
+        url = subscription.target_url
+        try:
+            # Again at every attempt: the row may predate today's checks or allowed hosts.
+            check_target_url(url, self._config.allowed_hosts)
+        except SubscriptionError as e:
+            return _Answer(error=f"not sent: {e}", sent=False)
+        parts = urllib.parse.urlsplit(url)
+        # The ASCII (IDNA) form: it goes into the Host header, SNI and the certificate check.
+        host = (parts.hostname or "").encode("idna").decode("ascii")
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        try:
+            addresses = resolve_target(host, port, allowed=is_allowed_host(host, self._config.allowed_hosts))
+        except SubscriptionError as e:
+            return _Answer(error=f"not sent: {e}", sent=False)
+        except OSError as e:
+            return _Answer(error=f"cannot resolve {host}: {e.strerror or e}", retryable=True)
+        try:
+            secret = self._secret(subscription)
+        except StorageError as e:
+            return _Answer(error=f"not sent: no signing secret ({e})", retryable=True, sent=False)
         headers = {
             "Content-Type": "application/json; charset=utf-8",
             "User-Agent": _USER_AGENT,
-            "Idempotency-Key": f"{key.fingerprint}:{key.status}:{_rfc3339(key.starts_at)}",
+            "Idempotency-Key": message_id,
+            # A fresh timestamp per attempt: a subscriber refusing old timestamps (replays) still takes retries.
+            **sign(secret, message_id, int(time.time()), body),
         }
-        attempt = claim.attempts_made
-        while not self._stopping.is_set():
-            attempt += 1
-            attempted_at = dt.datetime.now(dt.UTC)
-            started = time.perf_counter()
-            http_status, error, retryable = self._post(subscription.target_url, body, headers)
-            latency_ms = (time.perf_counter() - started) * 1000.0
-            self.metrics.attempts.labels(
-                subscriber=subscription.name, outcome=_attempt_outcome(http_status, error, retryable)
-            ).inc()
-            if error is None:
-                outcome = "delivered"
-            elif retryable and attempt < budget:
-                outcome = "failed"
-            else:
-                outcome = "gave_up"
-            if outcome != "failed":
-                final = "delivered" if outcome == "delivered" else "given_up"
-                self.metrics.deliveries.labels(subscriber=subscription.name, outcome=final).inc()
-            retry_in_s = self._backoff(attempt) if outcome == "failed" else None
-            record = AttemptRecord(
-                key=key,
-                attempt=attempt,
-                attempted_at=attempted_at,
-                outcome=outcome,
-                http_status=http_status,
-                error=error,
-                latency_ms=latency_ms,
-            )
-            try:
-                self._store.record_attempt(record)
-            except StorageError as e:
-                # The subscriber has its answer either way; losing the audit row beats stalling deliveries.
-                log.error(_kv(event="attempt_not_recorded", subscription=subscription.name, error=str(e)))
-            event = DeliveryEvent(
-                subscription_id=subscription.id,
-                subscription=subscription.name,
-                target_url=subscription.target_url,
-                fingerprint=key.fingerprint,
-                status=key.status,
-                alertname=alert.alertname,
-                attempt=attempt,
-                outcome=outcome,
-                http_status=http_status,
-                error=error,
-                latency_ms=latency_ms,
-                attempted_at=attempted_at,
-                retry_in_s=retry_in_s,
-            )
-            self._report(event)
-            if retry_in_s is None or self._stopping.wait(retry_in_s):
-                return
-
-    def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int | None, str | None, bool]:
-        """POST once; return the HTTP status, the error (None on 2xx) and whether a retry may help."""
-        request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection = self._connect(parts.scheme.lower(), host, port, addresses)
+        if isinstance(connection, str):
+            return _Answer(error=connection, retryable=True)
         try:
-            with self._opener.open(request, timeout=self._config.timeout_s) as response:
+            connection.request("POST", target, body=body, headers=headers)
+            with connection.getresponse() as response:
                 response.read(_RESPONSE_READ_BYTES)
-                return int(response.status), None, False
-        except urllib.error.HTTPError as e:
-            e.close()
-            status = int(e.code)
-            if 300 <= status < 400:
-                return status, f"HTTP {status}: redirects are not followed; subscribe the final URL", False
-            return status, f"HTTP {status} {e.reason}", status >= 500 or status in _RETRYABLE_4XX
-        except urllib.error.URLError as e:
-            return None, f"cannot reach {_origin(url)}: {e.reason}", True
+                status, reason = int(response.status), str(response.reason)
         except (TimeoutError, http.client.HTTPException, OSError) as e:
-            return None, f"{type(e).__name__} talking to {_origin(url)}: {e}", True
+            return _Answer(error=f"{type(e).__name__} talking to {_origin(url)}: {e}", retryable=True)
+        finally:
+            connection.close()
+        if 200 <= status < 300:
+            return _Answer(http_status=status)
+        if 300 <= status < 400:
+            error = f"HTTP {status}: redirects are not followed; subscribe the final URL"
+            return _Answer(http_status=status, error=error)
+        return _Answer(
+            http_status=status,
+            error=f"HTTP {status} {reason}",
+            retryable=status >= 500 or status in _RETRYABLE_4XX,
+        )
+
+    def _connect(self, scheme: str, host: str, port: int, addresses: Sequence[str]) -> http.client.HTTPConnection | str:
+        """Return a connection to the first vetted address that accepts one, or why none did."""
+        problem = "no address"
+        for address in addresses:
+            connection: http.client.HTTPConnection
+            if scheme == "https":
+                connection = _PinnedHTTPSConnection(host, port, address, self._config.timeout_s, self._tls)
+            else:
+                connection = _PinnedHTTPConnection(host, port, address, self._config.timeout_s)
+            try:
+                # Only connecting falls through to the next address: a request sent is never sent twice.
+                connection.connect()
+                return connection
+            except (TimeoutError, OSError) as e:
+                connection.close()
+                problem = f"{type(e).__name__}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+        return f"cannot reach {scheme}://{host}:{port}: {problem}"
+
+    def _secret(self, subscription: SubscriptionRow) -> str:
+        """Return the subscription's signing secret, giving one to a subscription stored without."""
+        if subscription.secret is not None:
+            return subscription.secret
+        found = self._secrets.get(subscription.id)
+        if found is None:
+            found = self._store.ensure_secret(subscription.id, new_secret())
+            self._secrets[subscription.id] = found
+            log.warning(_kv(event="secret_created", subscription=subscription.name))
+        return found
 
     def _backoff(self, attempt: int) -> float:
         """Return the wait after a failed `attempt`: exponential, capped, with jitter."""
@@ -466,6 +607,10 @@ class Dispatcher:
             log.info(fields)
         else:
             log.warning(fields)
+        self._notify(event)
+
+    def _notify(self, event: DeliveryEvent) -> None:
+        """Hand an event to the callback."""
         if self._on_delivery is not None:
             try:
                 self._on_delivery(event)
@@ -474,63 +619,123 @@ class Dispatcher:
                 log.exception(_kv(event="on_delivery_failed", subscription=event.subscription))
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Answer:
+    """What one attempt got; `sent` is False when nothing went out (the target was refused)."""
+
+    http_status: int | None = None
+    error: str | None = None  # None: delivered
+    retryable: bool = False
+    sent: bool = True
+
+    @property
+    def outcome(self) -> str:
+        """Return what the attempt got, one of ATTEMPT_OUTCOMES."""
+        if self.error is None:
+            return "delivered"
+        if self.http_status is None:
+            return "error"
+        return "retryable" if self.retryable else "refused"
+
+
+@dataclass(eq=False)
+class _Job:
+    """One queued delivery: its claim, the attempts made, and when the next may start (after a backoff)."""
+
+    claim: Claim
+    critical: bool
+    attempts: int
+    ready_at: float = 0.0  # time.monotonic()
+    body: bytes | None = field(default=None, repr=False)
+
+
 class _SubscriberWorker:
-    """One subscriber's queue, drained in order by its own thread."""
+    """One subscriber's bounded queue, drained by its own thread: critical lane first, each lane in order."""
 
     def __init__(
         self,
         subscription: SubscriptionRow,
-        deliver: Callable[[Claim], None],
+        attempt: Callable[[_Job], float | None],
         finished: Callable[[], None],
         stopping: threading.Event,
+        capacity: int,
     ) -> None:
         """Start the worker thread."""
         self.name = subscription.name
-        self._deliver = deliver
+        self._attempt = attempt
         self._finished = finished
         self._stopping = stopping
-        self._queue: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
-        self._depth = 0
-        self._depth_lock = threading.Lock()
+        self._capacity = capacity
+        self._critical: collections.deque[_Job] = collections.deque()
+        self._other: collections.deque[_Job] = collections.deque()
+        self._active: _Job | None = None
+        self._closed = False
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"finpulse-deliver-{subscription.id}", daemon=True)
         self._thread.start()
 
     @property
     def depth(self) -> int:
-        """Return how many deliveries are queued or in progress."""
-        with self._depth_lock:
-            return self._depth
+        """Return how many deliveries are queued or in progress (backoffs included)."""
+        with self._changed:
+            return len(self._critical) + len(self._other)
 
-    def put(self, claim: Claim) -> None:
-        """Queue a delivery."""
-        with self._depth_lock:
-            self._depth += 1
-        self._queue.put(claim)
+    def put(self, claim: Claim) -> tuple[Claim, str] | None:
+        """Queue a delivery without blocking; when the queue is full, return the one given up and why."""
+        job = _Job(claim=claim, critical=claim.alert.severity == "critical", attempts=claim.attempts_made)
+        with self._changed:
+            if len(self._critical) + len(self._other) >= self._capacity:
+                newest = self._other[-1] if self._other else None
+                if not job.critical or newest is None or newest is self._active:
+                    return claim, f"queue full: {self._capacity} deliveries already wait for this subscriber; not sent"
+                self._other.pop()
+                self._critical.append(job)
+                self._changed.notify()
+                return newest.claim, "queue full: given up to make room for a critical alert; not sent"
+            (self._critical if job.critical else self._other).append(job)
+            self._changed.notify()
+        return None
 
     def close(self) -> None:
-        """Ask the thread to finish once it reaches the end of the queue."""
-        self._queue.put(None)
+        """Ask the thread to finish after its current attempt; what is queued stays open in DuckDB."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
     def join(self, timeout_s: float) -> None:
         """Wait for the thread to finish."""
         self._thread.join(timeout_s)
 
+    def _next(self) -> _Job | None:
+        """Wait for the next job ready to go, critical lane first; None once closed or stopping."""
+        with self._changed:
+            while not (self._closed or self._stopping.is_set()):
+                now = time.monotonic()
+                heads = [lane[0] for lane in (self._critical, self._other) if lane]
+                for head in heads:
+                    if head.ready_at <= now:
+                        self._active = head
+                        return head
+                # Every head waits out a backoff: sleep until the first is due, or until something arrives.
+                self._changed.wait(min(head.ready_at for head in heads) - now if heads else None)
+            return None
+
     def _run(self) -> None:
-        """Deliver queued claims until closed; after stop, skip the rest (they stay open in DuckDB)."""
-        while True:
-            claim = self._queue.get()
-            if claim is None:
-                return
+        """Attempt ready jobs until closed; a job stays at the head of its lane until it ends."""
+        while (job := self._next()) is not None:
             try:
-                if not self._stopping.is_set():
-                    self._deliver(claim)
+                retry_in_s = self._attempt(job)
             except Exception:
                 # Keep the worker alive for the next alert; the claim stays open and resumes on restart.
-                log.exception(_kv(event="delivery_crashed", subscription=claim.subscription.name))
-            finally:
-                with self._depth_lock:
-                    self._depth -= 1
-                self._finished()
+                log.exception(_kv(event="delivery_crashed", subscription=job.claim.subscription.name))
+                retry_in_s = None
+            with self._changed:
+                self._active = None
+                if retry_in_s is not None:
+                    job.ready_at = time.monotonic() + retry_in_s
+                    continue
+                (self._critical if job.critical else self._other).remove(job)
+            self._finished()
 
 
 class _Server(ThreadingHTTPServer):
@@ -557,21 +762,25 @@ class _Handler(BaseHTTPRequestHandler):
         """Receive one Alertmanager notification."""
         path = urllib.parse.urlsplit(self.path).path
         if path != WEBHOOK_PATH:
-            self.close_connection = True  # the unread body would otherwise be parsed as the next request
-            self._reply(404, {"error": f"no such path {path!r}; Alertmanager posts to {WEBHOOK_PATH}"})
+            self._refuse(404, {"error": f"no such path {path!r}; Alertmanager posts to {WEBHOOK_PATH}"})
             return
-        length_header = self.headers.get("Content-Length")
-        if length_header is None:
-            self.close_connection = True
-            self._reply(411, {"error": "send a Content-Length header (chunked bodies are not accepted)"})
+        dispatcher = self.server.dispatcher
+        if not dispatcher.authorized(self.headers.get("Authorization")):
+            log.warning(_kv(event="webhook_unauthorized", client=self.client_address[0]))
+            self._refuse(
+                401,
+                {"error": "send Authorization: Bearer <dispatcher.token> (Alertmanager: http_config.authorization)"},
+                {"WWW-Authenticate": 'Bearer realm="finpulse-dispatcher"'},
+            )
             return
-        try:
-            length = int(length_header)
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._reply(413 if length > 0 else 400, {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}"})
+        length = self._content_length()
+        if length is None:
+            self._refuse(411, {"error": "send a Content-Length header (chunked bodies are not accepted)"})
+            return
+        limit = dispatcher.max_body_bytes
+        if length < 0 or length > limit:
+            error = f"Content-Length must be 0..{limit} (dispatcher.max_body_bytes)"
+            self._refuse(413 if length > limit else 400, {"error": error})
             return
         body = self.rfile.read(length)
         try:
@@ -581,6 +790,34 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception(_kv(event="notification_crashed"))
             status, answer = 500, {"status": "error", "error": f"{type(e).__name__}: {e}"}
         self._reply(status, answer)
+
+    def _content_length(self) -> int | None:
+        """Return the declared body length, -1 when it is not a number, None when there is none."""
+        header = self.headers.get("Content-Length")
+        if header is None:
+            return None
+        try:
+            return int(header)
+        except ValueError:
+            return -1
+
+    def _refuse(self, status: int, answer: Mapping[str, object], headers: Mapping[str, str] | None = None) -> None:
+        """Answer without taking the body, then close; what the client still sends is read and dropped, up to a bound.
+
+        Dropping it lets a client still writing (a large body) finish and read the answer instead of a broken
+        pipe; the bound keeps a refused client from making the server read without end.
+        """
+        self.close_connection = True  # the unread body would otherwise be parsed as the next request
+        self._reply(status, answer, headers)
+        remaining = min(max(self._content_length() or 0, 0), _DRAIN_BYTES)
+        try:
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 64 * 1024))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+        except OSError:
+            pass  # the client went away or stalled past the socket timeout: nothing more to do for it
 
     def do_GET(self) -> None:  # the name http.server dispatches to
         """Answer the health check or a scrape."""
@@ -616,35 +853,127 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug(_kv(event="http", client=self.client_address[0], request=format % args))
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Refuse redirects, so that a 30x reaches the caller as an HTTPError."""
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """HTTP to one vetted address of `host`, whatever the name resolves to by now; `Host:` names the host."""
 
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: Any,
-        code: int,
-        msg: str,
-        headers: http.client.HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        """Follow nothing."""
-        return None
+    def __init__(self, host: str, port: int, address: str, timeout_s: float) -> None:
+        """Prepare the connection; nothing is opened yet."""
+        super().__init__(host, port, timeout=timeout_s)
+        self._address = address
+
+    def connect(self) -> None:
+        """Open the TCP connection to the vetted address."""
+        self.sock = _open_socket(self._address, self.port, self.timeout)
 
 
-def _attempt_outcome(http_status: int | None, error: str | None, retryable: bool) -> str:
-    """Return what one attempt got, one of ATTEMPT_OUTCOMES."""
-    if error is None:
-        return "delivered"
-    if http_status is None:
-        return "error"
-    return "retryable" if retryable else "refused"
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to one vetted address of `host`; the certificate is still checked against the host name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout_s: float, tls: ssl.SSLContext) -> None:
+        """Prepare the connection; nothing is opened yet."""
+        super().__init__(host, port, timeout=timeout_s, context=tls)
+        self._address = address
+        self._tls = tls
+
+    def connect(self) -> None:
+        """Open the TCP connection to the vetted address, then TLS with SNI and verification for the host."""
+        sock = _open_socket(self._address, self.port, self.timeout)
+        try:
+            self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _open_socket(address: str, port: int, timeout_s: float | None) -> socket.socket:
+    """Connect TCP to one address, without Nagle's delay (the request is one small write), as http.client does."""
+    sock = socket.create_connection((address, port), timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """Return the Standard Webhooks headers of one delivery: id, timestamp and the v1 signature.
+
+    The signature is the base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`, keyed by the base64-decoded part
+    of the `whsec_` secret.
+    """
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+    return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{signature}"}
+
+
+def _message_id(claim: Claim) -> str:
+    """Return the id of a delivery, the same at every attempt: fingerprint, status and start of the alert."""
+    key = claim.key
+    return f"{key.fingerprint}:{key.status}:{_rfc3339(key.starts_at)}"
+
+
+def _event(claim: Claim, record: AttemptRecord, *, retry_in_s: float | None) -> DeliveryEvent:
+    """Return the callback's view of one recorded attempt."""
+    return DeliveryEvent(
+        subscription_id=claim.subscription.id,
+        subscription=claim.subscription.name,
+        target_url=claim.subscription.target_url,
+        fingerprint=record.key.fingerprint,
+        status=record.key.status,
+        alertname=claim.alert.alertname,
+        attempt=record.attempt,
+        outcome=record.outcome,
+        http_status=record.http_status,
+        error=record.error,
+        latency_ms=record.latency_ms,
+        attempted_at=record.attempted_at,
+        retry_in_s=retry_in_s,
+    )
+
+
+def _load_token(config: DispatcherConfig) -> str:
+    """Return the bearer token Alertmanager must send, from dispatcher.token or dispatcher.token_file."""
+    if config.token is not None:
+        return config.token.get_secret_value()
+    if config.token_file is None:
+        raise DispatchError(
+            "dispatcher.token is not set, and the webhook takes only requests carrying it: set "
+            "FINPULSE_DISPATCHER__TOKEN or dispatcher.token_file, and give Alertmanager the same token "
+            f"(webhook_configs http_config.authorization.credentials_file); {TOKEN_HINT}"
+        )
+    path = Path(config.token_file).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DispatchError(
+            f"dispatcher.token_file {path}: cannot read it ({reason}); create it or fix the path"
+        ) from e
+    try:
+        return check_token(text, f"dispatcher.token_file {path}")
+    except ValueError as e:
+        raise DispatchError(str(e)) from None
+
+
+def _too_deep(body: bytes, limit: int) -> bool:
+    """Return whether JSON text nests arrays and objects deeper than `limit`, without parsing it."""
+    depth = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', body)):
+        if bracket.group() in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def _parse_notification(body: bytes) -> tuple[dict[str, Any], list[AlertRecord], str | None]:
     """Return the envelope, the alerts (refused ones carry their reason) and the payload's own error."""
+    if _too_deep(body, MAX_JSON_DEPTH):
+        return {}, [], f"body nests deeper than {MAX_JSON_DEPTH} levels; an Alertmanager notification nests 4"
     try:
         payload = json.loads(body)
+    except RecursionError:
+        return {}, [], "body nests too deep to parse"
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return {}, [], f"body is not JSON: {e}"
     if not isinstance(payload, dict):

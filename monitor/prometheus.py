@@ -6,6 +6,7 @@ started them; a later `start` finds them running, rewrites their configs and rel
 
     prometheus.json / alertmanager.json   pid, port and URL of the last start (ports are reused on restart)
     prometheus.yml  / alertmanager.yml    the generated configs, rewritten on every start
+    alertmanager.token                    the dispatcher's bearer token, mode 0600, when one is given
     prometheus.log  / alertmanager.log    the servers' stdout and stderr
     rules/finpulse.rules.yml              the rules Prometheus evaluates
     tsdb/                                 Prometheus' samples
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+from pydantic import SecretStr
 
 from daemon import process
 from monitor.config import AlertRulesConfig, PrometheusConfig, duration_seconds
@@ -389,16 +391,42 @@ class LocalAlertmanager(_LocalServer):
         """Return Alertmanager's notification log and silences."""
         return self.data_dir / "alertmanager"
 
+    @property
+    def token_file(self) -> Path:
+        """Return the file holding the bearer token Alertmanager sends to the webhook, when given one."""
+        return self.data_dir / "alertmanager.token"
+
     def binary(self) -> str:
         """Return the path of the Alertmanager executable."""
         return find_binary(self.config.alertmanager_binary, self.binary_names)
 
-    def start(self, webhook_url: str, *, port: int | None = None, timeout_s: float | None = None) -> str:
-        """Route every alert to `webhook_url` (resolved ones too) and return Alertmanager's URL once ready."""
+    def start(
+        self,
+        webhook_url: str,
+        *,
+        bearer_token: SecretStr | None = None,
+        bearer_token_file: Path | None = None,
+        port: int | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
+        """Route every alert to `webhook_url` (resolved ones too) and return Alertmanager's URL once ready.
+
+        With `bearer_token` (written to `token_file`, mode 0600) or `bearer_token_file`, every notification
+        carries `Authorization: Bearer <token>`; the config names the file, so the token is not in the YAML.
+        """
         parsed = urllib.parse.urlsplit(webhook_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise PrometheusError(f"webhook_url must be an http(s) URL, got {webhook_url!r}")
-        text = _yaml_with_header(self._config_document(webhook_url))
+        if bearer_token is not None and bearer_token_file is not None:
+            raise PrometheusError("give Alertmanager bearer_token or bearer_token_file, not both")
+        credentials = None
+        if bearer_token is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            _write_secret(self.token_file, bearer_token.get_secret_value() + "\n")
+            credentials = self.token_file
+        elif bearer_token_file is not None:
+            credentials = Path(bearer_token_file).expanduser().resolve()
+        text = _yaml_with_header(self._config_document(webhook_url, credentials))
         return self._start({self.config_file: text}, port, timeout_s)
 
     def alerts(self) -> list[dict[str, Any]]:
@@ -418,10 +446,14 @@ class LocalAlertmanager(_LocalServer):
             "--cluster.listen-address=",
         ]
 
-    def _config_document(self, webhook_url: str) -> dict[str, Any]:
+    def _config_document(self, webhook_url: str, credentials: Path | None = None) -> dict[str, Any]:
         """Return alertmanager.yml as a mapping: one route, one webhook receiver, critical inhibits warning."""
         # One notification group per alert and subject, so a subscriber to a topic gets that topic's alerts.
         subject = ["alertname", "topic", "ticker"]
+        webhook: dict[str, Any] = {"url": webhook_url, "send_resolved": True, "max_alerts": 0}
+        if credentials is not None:
+            # Alertmanager reads the file at each notification: a rotated token needs no reload.
+            webhook["http_config"] = {"authorization": {"type": "Bearer", "credentials_file": str(credentials)}}
         return {
             "route": {
                 "receiver": self.receiver,
@@ -433,7 +465,7 @@ class LocalAlertmanager(_LocalServer):
             "receivers": [
                 {
                     "name": self.receiver,
-                    "webhook_configs": [{"url": webhook_url, "send_resolved": True, "max_alerts": 0}],
+                    "webhook_configs": [webhook],
                 }
             ],
             # A critical spike fires alongside its warning (monitor/rules.py); notify the critical one only.
@@ -460,6 +492,19 @@ def _write_atomically(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file, so a server reloading it never reads half a file."""
     try:
         process.write_atomically(path, text)
+    except OSError as e:
+        raise PrometheusError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write a secret readable by this user only, through a temporary file created with mode 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover of a crash keeps the mode it was created with
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        tmp.replace(path)
     except OSError as e:
         raise PrometheusError(f"cannot write {path}: {e.strerror or e}") from e
 

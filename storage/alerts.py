@@ -75,8 +75,21 @@ _CLAIM_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("alert_id", "VARCHAR"),
     ("claimed_at", "TIMESTAMPTZ"),
 )
+_DELIVERY_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+    ("fingerprint", "VARCHAR"),
+    ("status", "VARCHAR"),
+    ("starts_at", "TIMESTAMPTZ"),
+    ("subscription_id", "INTEGER"),
+    ("attempt", "INTEGER"),
+    ("attempted_at", "TIMESTAMPTZ"),
+    ("outcome", "VARCHAR"),
+    ("http_status", "INTEGER"),
+    ("error", "VARCHAR"),
+    ("latency_ms", "DOUBLE"),
+)
 _SUBSCRIPTION_SELECT: Final = (
-    "SELECT id, name, target_url, topics, tickers, min_severity, epoch_us(created_at), active FROM subscriptions"
+    "SELECT id, name, target_url, topics, tickers, min_severity, epoch_us(created_at), active, secret "
+    "FROM subscriptions"
 )
 
 
@@ -100,6 +113,9 @@ class SubscriptionRow:
     min_severity: str
     created_at: dt.datetime
     active: bool = True
+    # The Standard Webhooks signing secret (`whsec_…`); None for a subscription stored before schema v5 until
+    # its first delivery gives it one. Out of repr so that logging a row does not print it.
+    secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,23 +257,29 @@ class AlertStore:
         topics: Sequence[str],
         tickers: Sequence[str],
         min_severity: str,
+        secret: str | None = None,
         now: dt.datetime | None = None,
     ) -> SubscriptionRow:
-        """Store a new active subscription under the next id; its name must not be taken by an active one."""
+        """Store a new active subscription under the next id; no active one may have its name in any case."""
         created_at = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
         with self._write("adding a subscription") as con:
-            taken = con.execute("SELECT id FROM subscriptions WHERE active AND name = ?", [name]).fetchone()
+            # Case-insensitive: "Fed-Desk" beside "fed-desk" would be two labels, two rows, one person's guess.
+            taken = con.execute(
+                "SELECT id, name FROM subscriptions WHERE active AND lower(name) = lower(?)", [name]
+            ).fetchone()
             if taken is not None:
+                same = "" if taken[1] == name else f" (as {taken[1]!r}; names are unique in any case)"
                 raise SubscriptionNameTakenError(
-                    f"subscription name {name!r} is taken by subscription {taken[0]}; pick another name "
+                    f"subscription name {name!r} is taken by subscription {taken[0]}{same}; pick another name "
                     "or remove that one first"
                 )
             # Ids of removed subscriptions are never reused: their deliveries keep pointing at them.
             found = con.execute("SELECT coalesce(max(id), 0) + 1 FROM subscriptions").fetchone()
             new_id = int(found[0]) if found is not None else 1
             con.execute(
-                "INSERT INTO subscriptions VALUES (?, ?, ?, ?, ?, ?, CAST(? AS TIMESTAMPTZ), true, NULL)",
-                [new_id, name, target_url, list(topics), list(tickers), min_severity, created_at.isoformat()],
+                "INSERT INTO subscriptions (id, name, target_url, topics, tickers, min_severity, created_at, active, "
+                "removed_at, secret) VALUES (?, ?, ?, ?, ?, ?, CAST(? AS TIMESTAMPTZ), true, NULL, ?)",
+                [new_id, name, target_url, list(topics), list(tickers), min_severity, created_at.isoformat(), secret],
             )
         return SubscriptionRow(
             id=new_id,
@@ -267,7 +289,20 @@ class AlertStore:
             tickers=tuple(tickers),
             min_severity=min_severity,
             created_at=created_at,
+            secret=secret,
         )
+
+    def ensure_secret(self, subscription_id: int, candidate: str) -> str:
+        """Return the subscription's signing secret, storing `candidate` first if it has none."""
+        with self._write("storing a subscription secret") as con:
+            # One statement decides: a concurrent caller's candidate never replaces a stored secret.
+            con.execute(
+                "UPDATE subscriptions SET secret = ? WHERE id = ? AND secret IS NULL", [candidate, subscription_id]
+            )
+            found = con.execute("SELECT secret FROM subscriptions WHERE id = ?", [subscription_id]).fetchone()
+        if found is None or found[0] is None:
+            raise SubscriptionNotFoundError(f"no subscription has the id {subscription_id}")
+        return str(found[0])
 
     def deactivate_subscription(self, id_or_name: int | str, now: dt.datetime | None = None) -> SubscriptionRow:
         """Mark an active subscription removed (its history stays) and cancel its open deliveries."""
@@ -299,7 +334,14 @@ class AlertStore:
         with self._read("listing subscriptions") as con:
             if con is None:
                 return []
-            rows = con.execute(f"{_SUBSCRIPTION_SELECT}{where} ORDER BY id").fetchall()
+            select = _SUBSCRIPTION_SELECT
+            # Read-only on a file not migrated to schema v5 yet: no secrets stored, none to show.
+            has_secret = con.execute(
+                "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'subscriptions' AND column_name = 'secret'"
+            ).fetchone()
+            if has_secret is None or not has_secret[0]:
+                select = select.replace(", secret ", ", NULL AS secret ")
+            rows = con.execute(f"{select}{where} ORDER BY id").fetchall()
         return [_subscription(row) for row in rows]
 
     def record_notification(
@@ -350,32 +392,41 @@ class AlertStore:
 
     def record_attempt(self, attempt: AttemptRecord) -> None:
         """Store one delivery attempt; a final outcome also closes the delivery's claim."""
-        key = attempt.key
-        starts = key.starts_at.isoformat()
-        attempted = attempt.attempted_at.astimezone(dt.UTC).isoformat()
-        with self._write("recording a delivery attempt") as con:
-            con.execute(
-                "INSERT INTO deliveries VALUES "
-                "(?, ?, CAST(? AS TIMESTAMPTZ), ?, ?, CAST(? AS TIMESTAMPTZ), ?, ?, ?, ?)",
-                [
-                    key.fingerprint,
-                    key.status,
-                    starts,
-                    key.subscription_id,
-                    attempt.attempt,
-                    attempted,
-                    attempt.outcome,
-                    attempt.http_status,
-                    attempt.error,
-                    attempt.latency_ms,
-                ],
-            )
-            if attempt.outcome in _FINAL_OUTCOMES:
+        self.record_attempts([attempt])
+
+    def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        """Store delivery attempts in one transaction; final outcomes also close their claims.
+
+        One transaction for many: a full queue gives up thousands of deliveries at once, and one write
+        session each would hold up the webhook's answer for seconds.
+        """
+        if not attempts:
+            return
+        records = [
+            {
+                "fingerprint": attempt.key.fingerprint,
+                "status": attempt.key.status,
+                "starts_at": attempt.key.starts_at.isoformat(),
+                "subscription_id": attempt.key.subscription_id,
+                "attempt": attempt.attempt,
+                "attempted_at": attempt.attempted_at.astimezone(dt.UTC).isoformat(),
+                "outcome": attempt.outcome,
+                "http_status": attempt.http_status,
+                "error": attempt.error,
+                "latency_ms": attempt.latency_ms,
+            }
+            for attempt in attempts
+        ]
+        finals = [record for record in records if record["outcome"] in _FINAL_OUTCOMES]
+        with self._write("recording delivery attempts") as con:
+            con.execute(_bulk_insert_sql("deliveries", _DELIVERY_COLUMNS), [json.dumps(records, ensure_ascii=False)])
+            if finals:
                 con.execute(
-                    "UPDATE delivery_claims SET outcome = ?, finished_at = CAST(? AS TIMESTAMPTZ) "
-                    "WHERE fingerprint = ? AND status = ? AND starts_at = CAST(? AS TIMESTAMPTZ) "
-                    "AND subscription_id = ? AND outcome IS NULL",
-                    [attempt.outcome, attempted, key.fingerprint, key.status, starts, key.subscription_id],
+                    "UPDATE delivery_claims AS c SET outcome = u.outcome, finished_at = u.attempted_at "
+                    f"FROM ({_bulk_select_sql(_DELIVERY_COLUMNS)}) AS u "
+                    "WHERE c.fingerprint = u.fingerprint AND c.status = u.status AND c.starts_at = u.starts_at "
+                    "AND c.subscription_id = u.subscription_id AND c.outcome IS NULL",
+                    [json.dumps(finals, ensure_ascii=False)],
                 )
 
     def pending_claims(self) -> list[Claim]:
@@ -388,6 +439,7 @@ class AlertStore:
                 "a.description, a.evidence, CAST(a.labels AS VARCHAR), CAST(a.annotations AS VARCHAR), "
                 "epoch_us(c.starts_at), epoch_us(a.ends_at), a.generator_url, c.alert_id, "
                 "s.id, s.name, s.target_url, s.topics, s.tickers, s.min_severity, epoch_us(s.created_at), s.active, "
+                "s.secret, "
                 "(SELECT count(*) FROM deliveries d WHERE d.fingerprint = c.fingerprint AND d.status = c.status "
                 " AND d.starts_at = c.starts_at AND d.subscription_id = c.subscription_id) "
                 "FROM delivery_claims c JOIN alerts a ON a.id = c.alert_id "
@@ -413,7 +465,7 @@ class AlertStore:
                 generator_url=row[13],
             )
             claims.append(
-                Claim(alert_id=row[14], alert=alert, subscription=_subscription(row[15:23]), attempts_made=int(row[23]))
+                Claim(alert_id=row[14], alert=alert, subscription=_subscription(row[15:24]), attempts_made=int(row[24]))
             )
         return claims
 
@@ -469,15 +521,21 @@ def _bulk_insert_sql(table: str, columns: tuple[tuple[str, str], ...]) -> str:
     """Return an INSERT that decodes a JSON array of row objects bound as one parameter."""
     # One bound JSON string instead of one parameter per value: duckdb 1.4's Python client spends
     # ~40 µs per bound value, which adds up for notifications carrying many alerts.
+    names = ", ".join(name for name, _ in columns)
+    return f"INSERT INTO {table} ({names}) {_bulk_select_sql(columns)}"
+
+
+def _bulk_select_sql(columns: tuple[tuple[str, str], ...]) -> str:
+    """Return a SELECT of `columns` (typed, named) from a JSON array of row objects bound as one parameter."""
     structure = json.dumps(
         [{name: "VARCHAR" if sql_type == "TIMESTAMPTZ" else sql_type for name, sql_type in columns}],
         separators=(",", ":"),
     ).replace("'", "''")
     selected = ", ".join(
-        f"CAST(r.{name} AS TIMESTAMPTZ)" if sql_type == "TIMESTAMPTZ" else f"r.{name}" for name, sql_type in columns
+        f"CAST(r.{name} AS TIMESTAMPTZ) AS {name}" if sql_type == "TIMESTAMPTZ" else f"r.{name} AS {name}"
+        for name, sql_type in columns
     )
-    names = ", ".join(name for name, _ in columns)
-    return f"INSERT INTO {table} ({names}) SELECT {selected} FROM (SELECT unnest(from_json(?, '{structure}')) AS r)"
+    return f"SELECT {selected} FROM (SELECT unnest(from_json(?, '{structure}')) AS r)"
 
 
 def _alert_payload(alert: AlertRecord, alert_id: str, notification_id: str, received: str) -> dict[str, Any]:
@@ -515,4 +573,5 @@ def _subscription(row: Sequence[Any]) -> SubscriptionRow:
         min_severity=str(row[5]),
         created_at=from_epoch_us_required(row[6]),
         active=bool(row[7]),
+        secret=None if row[8] is None else str(row[8]),
     )

@@ -243,6 +243,13 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             for name in sorted(NULLABLE_NEWS_COLUMNS - _NULLABLE_V1)
         ),
     ),
+    Migration(
+        version=5,
+        description="subscriptions.secret signs deliveries (Standard Webhooks)",
+        # NULL for the subscriptions added before: the dispatcher gives each one a secret (from Python's
+        # `secrets`, not DuckDB's random()) at its first delivery.
+        statements=("ALTER TABLE subscriptions ADD COLUMN secret VARCHAR",),
+    ),
 )
 
 SCHEMA_VERSION: Final[int] = MIGRATIONS[-1].version

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,6 +19,7 @@ from finpulse.replay import ReplayProducer, labelled_stream, news_messages
 from learner.config import ModelConfig
 from learner.model import Classifier
 from monitor.config import MetricsConfig
+from monitor.dispatcher import sign
 from monitor.metrics import MetricsServer, ScorerMetrics
 from storage import History, StorageConfig
 from stream.admin import ensure_topics
@@ -83,7 +87,7 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
     scoring.start()
 
     stack = AlertStack(tmp_path / "prometheus", storage)
-    stack.subscribe("energy-desk", subscribers.serve("energy-desk"), topics=(SPIKE_TOPIC,))
+    energy_secret = stack.subscribe("energy-desk", subscribers.serve("energy-desk"), topics=(SPIKE_TOPIC,))
     stack.subscribe("fed-desk", subscribers.serve("fed-desk"), topics=("Fed / Central Banks",))
     stack.subscribe("flaky-desk", subscribers.serve("flaky-desk", fail_first=2), topics=(SPIKE_TOPIC,))
     # A calm lead-in gives Prometheus a baseline, then the sell-off, then calm again until it resolves.
@@ -91,6 +95,17 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
     tail = ReplayProducer(kafka_bootstrap, topics.raw, calm[150:], rate=3)
     try:
         stack.start([f"127.0.0.1:{server.port}"])
+        # Alertmanager reads the dispatcher's generated token from a 0600 file its config names, not from the YAML;
+        # anyone else posting to the webhook is refused.
+        token_file = stack.alertmanager.token_file
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        config_text = stack.alertmanager.config_file.read_text(encoding="utf-8")
+        assert f"credentials_file: {token_file}" in config_text
+        assert token_file.read_text(encoding="utf-8").strip() not in config_text
+        forged = urllib.request.Request(stack.dispatcher.webhook_url, data=b'{"alerts": []}', method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(forged, timeout=5)
+        assert refused.value.code == 401
         assert stack.wait_scraped(), "Prometheus never scraped the scorer"
         ReplayProducer(kafka_bootstrap, topics.raw, calm[:150], rate=15).run()
         spike = [
@@ -120,6 +135,11 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
     firing = subscribers.of("energy-desk", "firing")
     assert len(firing) == 1, [r.body for r in firing]
     alert = firing[0].body
+    # Signed per Standard Webhooks with the secret `subscribe` returned.
+    headers = firing[0].headers
+    expected = sign(energy_secret, headers["webhook-id"], int(headers["webhook-timestamp"]), firing[0].raw)
+    assert headers["webhook-signature"] == expected["webhook-signature"]
+    assert headers["idempotency-key"] == headers["webhook-id"]
     assert alert["labels"]["alertname"] == "NegativeSentimentSpike" and alert["labels"]["topic"] == SPIKE_TOPIC
     assert SPIKE_TOPIC in alert["annotations"]["summary"] and "SELECT" in alert["annotations"]["evidence"]
     assert len(subscribers.of("energy-desk", "resolved")) == 1

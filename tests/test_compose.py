@@ -508,6 +508,39 @@ def test_alertmanager_sends_everything_to_the_dispatcher() -> None:
         assert port is None or url.port == int(port), f"{hook['url']}: dispatcher listens on {port}"
 
 
+def secret_names(svc: dict[str, Any]) -> set[str]:
+    """Return the compose secrets a service mounts (at /run/secrets/<name> unless it says otherwise)."""
+    names = set()
+    for entry in svc.get("secrets", []):
+        if isinstance(entry, dict):
+            names.add(str(entry.get("target") or entry["source"]))
+        else:
+            names.add(str(entry))
+    return names
+
+
+def test_alertmanager_and_the_dispatcher_share_the_webhook_token() -> None:
+    config = load_yaml(ALERTMANAGER_YML)
+    receivers = {r["name"]: r for r in config["receivers"]}
+    for hook in receivers[config["route"]["receiver"]].get("webhook_configs", []):
+        authorization = hook.get("http_config", {}).get("authorization", {})
+        assert authorization.get("type", "Bearer") == "Bearer", hook
+        assert "credentials" not in authorization, "the token belongs in a file (credentials_file), not in the YAML"
+        token_file = authorization.get("credentials_file")
+        assert token_file, f"{hook['url']}: the dispatcher answers 401 without its token (http_config.authorization)"
+        dispatcher = service(str(urlsplit(hook["url"]).hostname))
+        dispatcher_file = environment(dispatcher).get("FINPULSE_DISPATCHER__TOKEN_FILE")
+        if dispatcher_file is None:
+            pytest.skip("docker-compose.yml does not give the dispatcher FINPULSE_DISPATCHER__TOKEN_FILE yet")
+        assert dispatcher_file == token_file, "Alertmanager and the dispatcher must read the same token"
+        secret = PurePosixPath(token_file)
+        if secret.parent == PurePosixPath("/run/secrets"):
+            assert secret.name in secret_names(dispatcher) and secret.name in secret_names(service("alertmanager"))
+            assert secret.name in compose().get("secrets", {}), f"declare the secret {secret.name} at the top level"
+        else:
+            assert bind_source(token_file, dispatcher) == bind_source(token_file, service("alertmanager")) is not None
+
+
 # --- Grafana --------------------------------------------------------------------------------------------------
 
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import http.client
+import inspect
 import json
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,14 +26,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from monitor.config import DispatcherConfig
-from monitor.dispatcher import DeliveryEvent, Dispatcher
-from monitor.errors import SubscriptionError
-from monitor.subscriptions import Subscription, add_subscription, list_subscriptions, remove_subscription
+from monitor.dispatcher import MAX_JSON_DEPTH, DeliveryEvent, Dispatcher
+from monitor.errors import DispatchError, SubscriptionError
+from monitor.subscriptions import (
+    Subscription,
+    add_subscription,
+    check_target_url,
+    list_subscriptions,
+    remove_subscription,
+)
 from storage import AlertStore, History, StorageConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 FED = "Fed / Central Banks"
 OIL = "Energy / Oil"
 STARTS_AT = "2024-05-01T09:30:00.123456789Z"
+TOKEN = "test-token-0123456789abcdef"
 
 
 @dataclass(frozen=True)
@@ -35,7 +51,9 @@ class Received:
 
     at: float  # time.monotonic() on arrival
     body: dict[str, Any]
-    headers: dict[str, str]
+    headers: dict[str, str]  # as sent
+    raw: bytes  # the body's bytes, as signed
+    message: Message  # the headers, looked up case-insensitively
 
 
 class Subscriber:
@@ -55,7 +73,8 @@ class Subscriber:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with subscriber.got:
-                    subscriber.requests.append(Received(time.monotonic(), json.loads(body), dict(self.headers)))
+                    received = Received(time.monotonic(), json.loads(body), dict(self.headers), body, self.headers)
+                    subscriber.requests.append(received)
                     status, delay_s = subscriber.script.pop(0) if subscriber.script else (200, 0.0)
                     subscriber.got.notify_all()
                 time.sleep(delay_s)
@@ -136,9 +155,12 @@ def notification(*alerts: dict[str, Any]) -> bytes:
     ).encode()
 
 
-def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    """POST a body and return the status and JSON answer, also for 4xx/5xx."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+def post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
+    """POST a body as Alertmanager does (with the bearer token) and return the status and JSON answer."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -149,7 +171,14 @@ def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
 
 def fast_config(**overrides: Any) -> DispatcherConfig:
     """Return a dispatcher config on a free port with short backoffs."""
-    values: dict[str, Any] = {"port": 0, "attempts": 4, "initial_backoff_s": 0.5, "max_backoff_s": 2.0, "timeout_s": 3}
+    values: dict[str, Any] = {
+        "port": 0,
+        "token": TOKEN,
+        "attempts": 4,
+        "initial_backoff_s": 0.5,
+        "max_backoff_s": 2.0,
+        "timeout_s": 3,
+    }
     values.update(overrides)
     return DispatcherConfig(**values)
 
@@ -192,7 +221,7 @@ def test_bad_subscriptions_are_refused_with_one_line(fields: dict[str, Any], mes
 def test_subscription_fields_are_normalised() -> None:
     subscription = Subscription(
         name=" desk ",
-        target_url="HTTP://Hooks.example.com:8080/x?token=1",
+        target_url="HTTPS://Hooks.example.com:8443/x?token=1",
         topics=("fed/central banks", "Earnings", "EARNINGS"),
         tickers=("$aapl", "brk.b", "AAPL"),
         min_severity="Warning",  # type: ignore[arg-type]
@@ -521,3 +550,342 @@ def test_queue_depth_counts_deliveries_queued_and_in_progress(
             hold.set()
         assert dispatcher.wait_idle(30)
         assert depth_and_delivered() == (0, 2)
+
+
+# --- who may post, and how much ------------------------------------------------------------------
+
+
+def post_raw(url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POST exactly these headers (no Content-Type or token added); return status, JSON answer and headers."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        connection.request("POST", parts.path, body=body, headers={"Content-Length": str(len(body)), **headers})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read()), dict(response.headers)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        "Bearer ",
+        f"Basic {base64.b64encode(f'alertmanager:{TOKEN}'.encode()).decode()}",
+        f"Token {TOKEN}",
+        TOKEN,
+    ],
+)
+def test_webhook_refuses_requests_without_the_token(
+    store: AlertStore, subscriber: Callable[..., Subscriber], authorization: str | None
+) -> None:
+    desk = subscriber()
+    add_subscription(store, name="desk", target_url=desk.url)
+    with Dispatcher(fast_config(), store) as dispatcher:
+        headers = {"Content-Type": "application/json"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        status, answer, response_headers = post_raw(dispatcher.webhook_url, notification(alert()), headers)
+        assert status == 401
+        assert "Authorization: Bearer" in answer["error"] and TOKEN not in json.dumps(answer)
+        assert response_headers["WWW-Authenticate"].startswith("Bearer")
+        # The right token, with the scheme in any case, gets in.
+        right = {"Content-Type": "application/json", "Authorization": f"bearer {TOKEN}"}
+        assert post_raw(dispatcher.webhook_url, notification(alert()), right)[0] == 200
+        assert dispatcher.wait_idle(10)
+    assert len(desk.requests) == 1  # only the authenticated notification was delivered
+    history = History(StorageConfig(duckdb_path=store.path))
+    assert history.query("SELECT count(*) FROM alert_notifications").rows == [(1,)]  # nothing else was recorded
+
+
+def test_the_token_comes_from_the_config_or_a_file_and_is_never_shown(tmp_path: Path, store: AlertStore) -> None:
+    config = fast_config()
+    assert TOKEN not in repr(config) and TOKEN not in config.model_dump_json() and "**" in repr(config)
+    with pytest.raises(ValidationError) as caught:
+        DispatcherConfig(token="short-secret")
+    assert "too short" in str(caught.value) and "short-secret" not in str(caught.value)
+    with pytest.raises(ValidationError, match="not both"):
+        DispatcherConfig(token=TOKEN, token_file=tmp_path / "token")
+    with pytest.raises(DispatchError, match="dispatcher.token is not set.*FINPULSE_DISPATCHER__TOKEN"):
+        Dispatcher(DispatcherConfig(port=0), store).start()
+    missing = tmp_path / "missing-token"
+    with pytest.raises(DispatchError, match="dispatcher.token_file .*missing-token: cannot read it"):
+        Dispatcher(DispatcherConfig(port=0, token_file=missing), store).start()
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {TOKEN}\n", encoding="utf-8")  # surrounding whitespace is not part of it
+    with Dispatcher(DispatcherConfig(port=0, token_file=token_file), store) as dispatcher:
+        assert post(dispatcher.webhook_url, notification(alert()))[0] == 200
+        assert post(dispatcher.webhook_url, notification(alert()), token="x" * 20)[0] == 401
+
+
+def test_oversized_and_deeply_nested_bodies_answer_413_and_400(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    desk = subscriber()
+    add_subscription(store, name="desk", target_url=desk.url)
+    with Dispatcher(fast_config(max_body_bytes=64 * 1024), store) as dispatcher:
+        big = notification(*(alert(alertname=f"Rule{n}") for n in range(200)))
+        assert len(big) > 64 * 1024
+        status, answer = post(dispatcher.webhook_url, big)
+        assert status == 413 and "dispatcher.max_body_bytes" in answer["error"]
+
+        # On main, deep JSON raised RecursionError and was answered 500, which Alertmanager retries forever.
+        status, answer = post(dispatcher.webhook_url, b"[" * 30_000 + b"]" * 30_000)
+        assert status == 400 and answer["error"] == (
+            f"body nests deeper than {MAX_JSON_DEPTH} levels; an Alertmanager notification nests 4"
+        )
+        nested = alert()
+        value: Any = "deep"
+        for _ in range(MAX_JSON_DEPTH):
+            value = [value]
+        nested["labels"]["x"] = value  # 4 levels down already
+        status, answer = post(dispatcher.webhook_url, notification(nested))
+        assert status == 400 and "nests deeper" in answer["error"]
+
+        # Brackets inside strings do not count: a summary full of them is a fine notification.
+        bracketed = alert()
+        bracketed["annotations"]["summary"] = "[" * 500 + '\\"{' * 100
+        status, answer = post(dispatcher.webhook_url, notification(bracketed))
+        assert (status, answer["deliveries"]) == (200, 1)
+        assert dispatcher.wait_idle(10)
+        with urllib.request.urlopen(dispatcher.url + "/healthz", timeout=5) as response:
+            assert response.status == 200  # still serving
+    assert [r.body["annotations"]["summary"][:3] for r in desk.requests] == ["[[["]
+
+
+def test_the_deep_body_of_main_is_refused_quickly(store: AlertStore) -> None:
+    with Dispatcher(fast_config(), store) as dispatcher:
+        started = time.monotonic()
+        status, answer = post(dispatcher.webhook_url, b"[" * 100_000 + b"]" * 100_000)
+        assert status == 400 and "nests deeper" in answer["error"]
+        assert time.monotonic() - started < 5
+
+
+# --- queues: bounded, critical first ---------------------------------------------------------------
+
+
+def warning(n: int) -> dict[str, Any]:
+    """Return a firing warning of its own rule."""
+    found = alert(alertname=f"Warn{n}", severity="warning")
+    found["fingerprint"] = f"fp-warn-{n}"
+    return found
+
+
+def test_a_critical_alert_overtakes_warnings_queued_before_it(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    hold = threading.Event()
+    slow = subscriber(hold=hold)
+    add_subscription(store, name="slow", target_url=slow.url)
+    with Dispatcher(fast_config(timeout_s=60), store) as dispatcher:
+        try:
+            status, answer = post(dispatcher.webhook_url, notification(*(warning(n) for n in range(5))))
+            assert (status, answer["deliveries"]) == (200, 5)
+            assert slow.wait_for(1)  # Warn0 is in progress, Warn1..4 wait
+            status, answer = post(dispatcher.webhook_url, notification(alert(alertname="Crash")))
+            assert (status, answer["deliveries"]) == (200, 1)
+            assert dispatcher.pending == 6
+        finally:
+            hold.set()
+        assert dispatcher.wait_idle(30)
+    assert [r.body["alertname"] for r in slow.requests] == ["Warn0", "Crash", "Warn1", "Warn2", "Warn3", "Warn4"]
+
+
+def test_a_critical_alert_is_not_held_up_by_a_warning_backing_off(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    # The warning's first attempt fails; its retry waits 2-4 s, and the critical goes meanwhile.
+    flaky = subscriber([(503, 0.0)])
+    add_subscription(store, name="flaky", target_url=flaky.url)
+    config = fast_config(initial_backoff_s=4.0, max_backoff_s=8.0)
+    with Dispatcher(config, store) as dispatcher:
+        assert post(dispatcher.webhook_url, notification(warning(0)))[0] == 200
+        assert flaky.wait_for(1)
+        assert post(dispatcher.webhook_url, notification(alert(alertname="Crash")))[0] == 200
+        assert flaky.wait_for(2, timeout_s=1.5)  # long before the warning's backoff ends
+        assert flaky.requests[1].body["alertname"] == "Crash"
+        assert dispatcher.wait_idle(20)
+    assert [r.body["alertname"] for r in flaky.requests] == ["Warn0", "Crash", "Warn0"]
+
+
+def test_a_full_queue_gives_up_at_once_without_blocking_the_webhook(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    hold = threading.Event()
+    stuck = subscriber(hold=hold)
+    add_subscription(store, name="stuck", target_url=stuck.url)
+    events: list[DeliveryEvent] = []
+    registry = CollectorRegistry()
+    config = fast_config(queue_size=3, timeout_s=60)
+    with Dispatcher(config, store, on_delivery=events.append, registry=registry) as dispatcher:
+        try:
+            started = time.monotonic()
+            status, answer = post(dispatcher.webhook_url, notification(*(warning(n) for n in range(300))))
+            answered_s = time.monotonic() - started
+            assert (status, answer["deliveries"]) == (200, 300)
+            assert answered_s < 10  # 297 given up in one transaction, not one session each
+            assert stuck.wait_for(1)  # Warn0 in progress; Warn1 and Warn2 wait; the other 297 were given up
+            assert dispatcher.pending == 3
+            # A critical alert makes room: the newest waiting warning (Warn2) is given up instead.
+            assert post(dispatcher.webhook_url, notification(alert(alertname="Crash")))[0] == 200
+            assert dispatcher.pending == 3
+        finally:
+            hold.set()
+        assert dispatcher.wait_idle(30)
+        given_up = registry.get_sample_value(
+            "finpulse_dispatcher_deliveries_total", {"subscriber": "stuck", "outcome": "given_up"}
+        )
+    assert [r.body["alertname"] for r in stuck.requests] == ["Warn0", "Crash", "Warn1"]
+    assert given_up == 298
+    gave_up = [e for e in events if e.outcome == "gave_up"]
+    assert len(gave_up) == 298 and all(e.http_status is None for e in gave_up)
+    assert gave_up[0].error == "queue full: 3 deliveries already wait for this subscriber; not sent"
+    assert gave_up[-1].alertname == "Warn2"
+    assert gave_up[-1].error == "queue full: given up to make room for a critical alert; not sent"
+    history = History(StorageConfig(duckdb_path=store.path))
+    assert history.query("SELECT outcome, count(*) FROM delivery_claims GROUP BY ALL ORDER BY ALL").rows == [
+        ("delivered", 3),
+        ("gave_up", 298),
+    ]
+    assert history.query(
+        "SELECT count(*), min(attempt), max(http_status) FROM deliveries WHERE outcome = 'gave_up'"
+    ).rows == [(298, 1, None)]
+
+
+# --- signed deliveries ---------------------------------------------------------------------------
+
+
+# Copied from README.md (Alerts, "Verifying a delivery"); test_readme_shows_this_verify keeps the two the same.
+def verify(secret: str, headers, body: bytes, tolerance_s: int = 300) -> bool:
+    """Return True if finpulse signed `body` with `secret` (whsec_…) less than `tolerance_s` ago."""
+    msg_id, stamp = headers["webhook-id"], headers["webhook-timestamp"]
+    if not stamp.isdigit() or abs(time.time() - int(stamp)) > tolerance_s:
+        return False  # a replay, or a clock far off
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    expected = "v1," + base64.b64encode(mac).decode()
+    return any(hmac.compare_digest(expected, sig) for sig in headers["webhook-signature"].split())
+
+
+def test_readme_shows_this_verify() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    source = inspect.getsource(verify)
+    assert source in readme
+    assert "import base64, hashlib, hmac, time\n\n" + source in readme
+
+
+def test_deliveries_are_signed_per_standard_webhooks(store: AlertStore, subscriber: Callable[..., Subscriber]) -> None:
+    desk, other = subscriber(), subscriber()
+    added = add_subscription(store, name="desk", target_url=desk.url)
+    assert added.secret is not None and added.secret.startswith("whsec_")
+    assert len(base64.b64decode(added.secret.removeprefix("whsec_"))) == 32
+    assert added.secret not in repr(added)
+    other_secret = add_subscription(store, name="other", target_url=other.url).secret
+    assert other_secret is not None and other_secret != added.secret
+    with Dispatcher(fast_config(), store) as dispatcher:
+        before = int(time.time())
+        assert post(dispatcher.webhook_url, notification(alert()))[0] == 200
+        assert dispatcher.wait_idle(10)
+    (got,) = desk.requests
+    assert verify(added.secret, got.message, got.raw)
+    assert (
+        got.message["webhook-id"]
+        == got.message["Idempotency-Key"]
+        == ("fp-negativesentimentspike:firing:2024-05-01T09:30:00.123456Z")
+    )
+    assert before <= int(got.message["webhook-timestamp"]) <= time.time() + 1
+    assert got.message["webhook-signature"].startswith("v1,")
+    # Anything changed, and the check fails: the body, the id, the secret, an old timestamp.
+    assert not verify(added.secret, got.message, got.raw.replace(b"critical", b"info"))
+    assert not verify(other_secret, got.message, got.raw)
+    assert verify(other_secret, other.requests[0].message, other.requests[0].raw)
+    forged = Message()
+    for name in ("webhook-id", "webhook-signature"):
+        forged[name] = got.message[name]
+    forged["webhook-timestamp"] = str(int(got.message["webhook-timestamp"]) - 3600)
+    assert not verify(added.secret, forged, got.raw)
+
+
+def test_a_subscription_stored_without_a_secret_gets_one_at_its_first_delivery(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    desk = subscriber()
+    # As a subscription of schema v4 reads after migration v5: no secret.
+    store.ensure_schema()
+    store.add_subscription(name="old", target_url=desk.url, topics=(), tickers=(), min_severity="info")
+    assert list_subscriptions(store)[0].secret is None
+    with Dispatcher(fast_config(), store) as dispatcher:
+        assert post(dispatcher.webhook_url, notification(alert()))[0] == 200
+        resolved = alert("resolved")
+        assert post(dispatcher.webhook_url, notification(resolved))[0] == 200
+        assert dispatcher.wait_idle(10)
+    secret = list_subscriptions(store)[0].secret
+    assert secret is not None and secret.startswith("whsec_")
+    assert [verify(secret, r.message, r.raw) for r in desk.requests] == [True, True]
+
+
+# --- where deliveries may go ---------------------------------------------------------------------
+
+
+def _name_resolving_to_loopback() -> str | None:
+    """Return a host name that is not `localhost` yet resolves to a loopback address here, or None."""
+    names = [socket.gethostname(), "ip6-localhost", "ip6-loopback", "localhost.localdomain"]
+    try:
+        for line in Path("/etc/hosts").read_text(encoding="utf-8").splitlines():
+            fields = line.split("#")[0].split()
+            names.extend(fields[1:])
+    except OSError:
+        pass
+    for name in dict.fromkeys(names):
+        try:
+            check_target_url(f"https://{name}/", allowed_hosts=())
+            found = {info[4][0] for info in socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)}
+        except (SubscriptionError, OSError):
+            continue
+        if any(address.startswith("127.") or address == "::1" for address in found):
+            return name
+    return None
+
+
+def test_a_name_resolving_to_a_refused_address_is_given_up_unsent(
+    store: AlertStore, subscriber: Callable[..., Subscriber]
+) -> None:
+    name = _name_resolving_to_loopback()
+    if name is None:
+        pytest.skip("no host name here resolves to loopback besides localhost")
+    listening = subscriber()
+    port = listening.server.server_port
+    # Valid when subscribed: https to a name. Its DNS answer is what points back at this machine.
+    sneaky = add_subscription(store, name="sneaky", target_url=f"https://{name}:{port}/hook", allowed_hosts=())
+    # Stored by an older finpulse, before the checks: the dispatcher refuses it too.
+    store.add_subscription(
+        name="metadata", target_url="http://169.254.169.254/latest", topics=(), tickers=(), min_severity="info"
+    )
+    events: list[DeliveryEvent] = []
+    registry = CollectorRegistry()
+    with Dispatcher(fast_config(allowed_hosts=()), store, on_delivery=events.append, registry=registry) as dispatcher:
+        assert post(dispatcher.webhook_url, notification(alert()))[0] == 200
+        assert dispatcher.wait_idle(10)
+    assert listening.requests == []
+    by_name = {e.subscription: e for e in events}
+    assert set(by_name) == {"sneaky", "metadata"}
+    assert all(e.outcome == "gave_up" and e.attempt == 1 and e.http_status is None for e in events)
+    assert by_name["sneaky"].error is not None and by_name["sneaky"].error.startswith(
+        f"not sent: {name} resolves to a refused address: 127."
+    )
+    assert by_name["metadata"].error == (
+        "not sent: subscription target_url: 'http://169.254.169.254/latest' is refused: "
+        "169.254.169.254 is a cloud metadata address"
+    )
+    for subscription in ("sneaky", "metadata"):
+        labels = {"subscriber": subscription}
+        given_up = registry.get_sample_value("finpulse_dispatcher_deliveries_total", {**labels, "outcome": "given_up"})
+        assert given_up == 1
+        for outcome in ("delivered", "retryable", "refused", "error"):  # no HTTP attempt was made
+            attempts = "finpulse_dispatcher_delivery_attempts_total"
+            assert registry.get_sample_value(attempts, {**labels, "outcome": outcome}) == 0
+    assert sneaky.id is not None
