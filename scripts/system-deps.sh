@@ -2,6 +2,7 @@
 # Install the system packages finpulse runs with, from Debian's archive, when they are missing:
 #   required: Java 17+ and Maven (the local Kafka broker and its jars)
 #   alerting: Prometheus and Alertmanager (the demo's alerts and the alerting tests; the demo goes on without)
+#   catalog:  PostgreSQL (the lake's catalog for writers on several hosts; the tests start a throwaway server)
 # Their packaged services need systemd and stay down: finpulse starts the binaries itself on loopback ports.
 set -euo pipefail
 
@@ -11,6 +12,9 @@ command -v mvn >/dev/null || required+=(maven)
 alerting=()
 [[ -x /usr/bin/prometheus ]] || command -v prometheus >/dev/null || alerting+=(prometheus)
 [[ -x /usr/bin/prometheus-alertmanager ]] || command -v alertmanager >/dev/null || alerting+=(prometheus-alertmanager)
+
+# The server binaries (initdb, pg_ctl) live under /usr/lib/postgresql/<version>/bin, not on PATH.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || alerting+=(postgresql)
 
 missing=("${required[@]}" "${alerting[@]}")
 ((${#missing[@]})) || exit 0

@@ -1,13 +1,19 @@
-"""DuckDB history of scored news: schema, idempotent writes, analyst queries. Imports no torch."""
+"""The history of scored news (a DuckLake lake) and the state beside it (a DuckDB file). Imports no torch."""
 
 from storage.alerts import AlertStore
 from storage.config import StorageConfig
 from storage.errors import QueryError, StorageError, StoreLockedError
-from storage.history import History, NewsRow, QueryResult, WriteResult
+from storage.history import FileHistory, History, NewsRow, QueryResult, WriteResult
+from storage.lake import Lake, LakeError
+from storage.lake_config import LakeConfig
 
 __all__ = [
     "AlertStore",
+    "FileHistory",
     "History",
+    "Lake",
+    "LakeConfig",
+    "LakeError",
     "NewsRow",
     "QueryError",
     "QueryResult",

@@ -33,10 +33,10 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import duckdb
 from rich.table import Table
@@ -44,9 +44,13 @@ from rich.text import Text
 
 from storage.config import StorageConfig
 from storage.errors import QueryError, StorageError, StoreLockedError
+from storage.lake_config import LakeConfig
 from storage.schema import NEWS_COLUMN_NAMES, TIMESTAMP_COLUMNS, from_epoch_us, json_structure, migrate
 
-__all__ = ["History", "NewsRow", "QueryResult", "WriteResult"]
+if TYPE_CHECKING:
+    from storage.lake import Lake
+
+__all__ = ["FileHistory", "History", "NewsRow", "QueryResult", "WriteResult"]
 
 _PROBABILITY_FIELDS: Final = (
     "topic_confidence",
@@ -196,8 +200,12 @@ class QueryResult:
         return table
 
 
-class History:
-    """The news history in one DuckDB file, shared by scorer processes and analysts."""
+class FileHistory:
+    """One DuckDB file: the state tables (alerts, labels, models) and the news table of schemas v1–v4.
+
+    Its news methods are the history of finpulse before the lake: `finpulse migrate` reads them, and
+    `finpulse bench history` measures them as the baseline. `History` keeps the news in the lake instead.
+    """
 
     def __init__(self, config: StorageConfig) -> None:
         """Remember where the file lives; nothing is opened until a method needs it."""
@@ -355,22 +363,30 @@ class History:
         if not self._path.exists():
             raise QueryError(f"no history yet at {self._path}: run the scorer or the demo first")
         with self._session(read_only=True) as con:
-            try:
-                relation = con.sql(sql, params=list(params) if params else None)
-                if relation is None:
-                    return QueryResult(columns=[], rows=[])
-                columns = list(relation.columns)
-                types = [str(sql_type) for sql_type in relation.types]
-                relation, utc_positions = _without_timestamptz(relation, types)
-                if max_rows is None:
-                    rows = relation.fetchall()
-                    truncated = False
-                else:
-                    rows = relation.fetchmany(max_rows + 1)
-                    truncated = len(rows) > max_rows
-                    rows = rows[:max_rows]
-            except duckdb.Error as e:
-                raise QueryError(str(e)) from e
+            return self._run_read(con, sql, params, max_rows)
+
+    def _run_read(
+        self, con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object], max_rows: int | None
+    ) -> QueryResult:
+        """Run a checked read statement on `con` and fetch at most `max_rows` rows."""
+        try:
+            relation = con.sql(sql, params=list(params) if params else None)
+            if relation is None:
+                return QueryResult(columns=[], rows=[])
+            columns = list(relation.columns)
+            types = [str(sql_type) for sql_type in relation.types]
+            relation, utc_positions = _without_timestamptz(relation, types)
+            if max_rows is None:
+                rows = relation.fetchall()
+                truncated = False
+            else:
+                rows = relation.fetchmany(max_rows + 1)
+                truncated = len(rows) > max_rows
+                rows = rows[:max_rows]
+        except duckdb.InterruptException:
+            raise
+        except duckdb.Error as e:
+            raise QueryError(str(e)) from e
         if utc_positions:
             rows = [_mark_utc(row, utc_positions) for row in rows]
         return QueryResult(columns=columns, rows=rows, types=types, truncated=truncated)
@@ -436,7 +452,13 @@ class History:
         """Connect to the file, retrying with jittered backoff while another process holds it."""
         # Conflicts here come only from processes that bypass the sidecar locks (the duckdb CLI,
         # a notebook) or from a folder where the lock files could not be created.
-        config = {} if read_only else {"checkpoint_threshold": _CHECKPOINT_THRESHOLD}
+        # Never an extension from the network: the lake's are loaded by path from their wheels.
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        }
+        if not read_only:
+            config["checkpoint_threshold"] = _CHECKPOINT_THRESHOLD
         delay = _CONNECT_RETRY_FIRST_S
         while True:
             try:
@@ -468,6 +490,131 @@ class History:
             f"{self._path} stayed locked for longer than {self._config.lock_timeout_s:g} s "
             f"(lock_timeout_s): {detail}"
         )
+
+
+# What lives in the lake; a query naming only these runs on the lake alone, taking no lock anyone waits on.
+_LAKE_TABLES: Final = frozenset({"news", "news_latest", "news_tokens", "consumed_offsets"})
+# Lake tables shadowed into a mixed query's session, so that `news` joins `alerts` as it always did.
+_SHADOWED: Final = ("news", "news_latest")
+
+
+class History(FileHistory):
+    """The news history in the lake (storage.lake: Parquet files and a catalog), the state tables in the file.
+
+    Scorers touch only the lake, so nothing an analyst holds open makes them wait. Analysts' queries on the news
+    run on the lake's sandboxed read-only connection; a query that also names a state table (alerts, labels,
+    models) runs in a short read-only session of the file with the lake attached and `news` shadowed into it.
+    """
+
+    def __init__(self, config: StorageConfig) -> None:
+        """Remember where the file and the lake live; nothing is opened until a method needs it."""
+        super().__init__(config)
+        self._lake_config = config.lake if config.lake is not None else LakeConfig(data_dir=lake_dir_of(self.path))
+        self._lake: Lake | None = None
+        self._lake_guard = threading.Lock()
+
+    @property
+    def lake(self) -> Lake:
+        """Return this history's lake (one per History: create one History per process)."""
+        with self._lake_guard:
+            if self._lake is None:
+                from storage.lake import Lake  # storage.lake builds on this module
+
+                self._lake = Lake(self._lake_config)
+            return self._lake
+
+    def ensure_schema(self) -> None:
+        """Create or migrate the file's tables and the lake's, so that readers find them."""
+        super().ensure_schema()
+        self.lake.ensure_schema()
+
+    def write_batch(self, rows: Sequence[NewsRow], offsets: Mapping[tuple[str, int], int] | None = None) -> WriteResult:
+        """Insert the rows whose id is new into the lake, with the partitions' next offsets, in one transaction."""
+        return self.lake.write_batch(rows, offsets)
+
+    def count(self) -> int:
+        """Return how many news rows the lake holds (0 before the first write)."""
+        return self.lake.count()
+
+    def existing_ids(self, ids: Iterable[str]) -> set[str]:
+        """Return those of `ids` scored within the lake's duplicate window."""
+        return self.lake.existing_ids(ids)
+
+    def fetch(self, ids: Iterable[str]) -> list[NewsRow]:
+        """Return the newest stored row of each of `ids`, in the order asked, skipping unknown ids."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return []
+        try:
+            result = self.lake.query(
+                f"{self._select_sql} FROM news_latest WHERE id IN (SELECT unnest(from_json(?, '[\"VARCHAR\"]')))",
+                [json.dumps(wanted, ensure_ascii=False)],
+            )
+        except QueryError as e:
+            if "no lake yet" in str(e):
+                return []
+            raise
+        by_id = {row.id: row for row in map(_news_row, result.rows)}
+        return [by_id[news_id] for news_id in wanted if news_id in by_id]
+
+    def query(
+        self,
+        sql: str,
+        params: Sequence[object] = (),
+        *,
+        max_rows: int | None = None,
+        timeout_s: float | None = None,
+        as_of: int | dt.datetime | None = None,
+    ) -> QueryResult:
+        """Run one read-only statement for an analyst, on the lake, or on the file with the lake attached."""
+        from storage.lake import tables_in
+
+        tables = tables_in(sql)
+        if tables is None or tables <= _LAKE_TABLES or as_of is not None:
+            return self.lake.query(sql, params, max_rows=max_rows, timeout_s=timeout_s, as_of=as_of)
+        return self._mixed_query(sql, params, max_rows, timeout_s)
+
+    def close(self) -> None:
+        """Close the lake's connections."""
+        with self._lake_guard:
+            if self._lake is not None:
+                self._lake.close()
+
+    def _mixed_query(
+        self, sql: str, params: Sequence[object], max_rows: int | None, timeout_s: float | None
+    ) -> QueryResult:
+        from storage.lake import refuse_unsafe
+
+        _refuse_writes(sql)
+        if not self.path.exists():
+            raise QueryError(f"no history yet at {self.path}: run the scorer or the demo first")
+        limit = self._lake_config.query_timeout_s if timeout_s is None else timeout_s
+        with self._session(read_only=True) as con:
+            try:
+                for statement in self.lake.analyst_statements():
+                    if statement.startswith("SET enable_external_access"):
+                        # Before the lock-down: the lake's tables take the names analysts always used.
+                        for name in _SHADOWED:
+                            con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM lake.{name}")
+                    if not statement.startswith("USE "):
+                        con.execute(statement)
+                refuse_unsafe(con, sql)
+            except duckdb.Error as e:
+                raise QueryError(f"cannot open the history for this query: {e}") from e
+            timer = threading.Timer(limit, con.interrupt)
+            timer.daemon = True
+            timer.start()
+            try:
+                return self._run_read(con, sql, params, max_rows)
+            except duckdb.InterruptException as e:
+                raise QueryError(f"the query ran longer than {limit:g} s (timeout_s) and was stopped") from e
+            finally:
+                timer.cancel()
+
+
+def lake_dir_of(duckdb_path: Path) -> Path:
+    """Return the lake dir that goes with a DuckDB file by default: `<file stem>.lake` beside it."""
+    return duckdb_path.with_name(duckdb_path.stem + ".lake")
 
 
 _PROCESS_LOCKS: dict[Path, threading.Lock] = {}

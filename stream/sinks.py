@@ -9,6 +9,7 @@ the batch and dead-letters that record). A new destination (Parquet files, a sea
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,9 +24,13 @@ from stream.admin import broker_answers
 from stream.errors import StreamError
 from stream.messages import NewsItem
 
+log = logging.getLogger(__name__)
+
 # kafka-python's ConsumerRecord; typed loosely because the library ships no annotations.
 Record = Any
 
+# Every this many history writes, a scorer asks the lake whether compaction is due (a cheap catalog read).
+COMPACT_CHECK_EVERY = 50
 # How long one produced batch may take to be acknowledged before the sink counts as failed.
 _SEND_TIMEOUT_S = 30.0
 
@@ -107,27 +112,45 @@ class ScoredTopicSink(Sink):
 
 
 class HistorySink(Sink):
-    """Writes the history, idempotent on id: a replayed or raced record is a duplicate, not a second row."""
+    """Writes the lake, exactly once: the rows and their partitions' next offsets commit in one transaction, so a
+    replayed or raced record (its offset already recorded, or its id seen within the window) is a duplicate."""
 
     name = "history"
 
-    def __init__(self, history: History) -> None:
+    def __init__(self, history: History, compact_every: int = COMPACT_CHECK_EVERY) -> None:
         super().__init__()
         self._history = history
+        self._compact_every = compact_every
+        self._writes = 0
 
     def write(self, batch: Sequence[Scored]) -> list[bool]:
         """Insert the rows whose id is new; report the others as duplicates."""
         if not batch:
             return []
+        # Rows carry their Kafka coordinates: the lake records offset + 1 per partition with them.
         result = self._history.write_batch([news_row(s) for s in batch])
         raced = set(result.duplicates)
+        self._writes += 1
+        if self._writes % self._compact_every == 0:
+            self._maybe_compact()
         # A repeated id inside one batch cannot reach a sink: the scorer drops in-batch repeats first.
         return [s.item.id in raced for s in batch]
 
-    def probe(self) -> None:
-        """Raise unless the history takes an (empty) write transaction now."""
+    def _maybe_compact(self) -> None:
+        # Small files and inlined rows pile up one batch at a time; merging them keeps reads and writes flat.
+        # The rows are written already: a compaction that fails is retried at the next check, not the batch.
         try:
-            self._history.ensure_schema()
+            lake = self._history.lake
+            if lake.maintenance_due():
+                done = lake.compact()
+                log.info("event=lake_compacted result=%s", done)
+        except Exception as e:
+            log.warning("event=lake_compaction_failed error=%s detail=%r", type(e).__name__, str(e)[:200])
+
+    def probe(self) -> None:
+        """Raise unless the lake could take a write now (its writers' turn, its catalog, its data dir)."""
+        try:
+            self._history.lake.probe()
         except Exception as e:
             raise SinkUnavailable(f"the history cannot be written: {e}") from e
 

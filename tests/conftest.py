@@ -7,12 +7,15 @@ nothing. Topics and consumer groups are never deleted: give every test its own n
 """
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from storage.postgres_local import LocalPostgres, postgres_binaries
 from stream.admin import ensure_topics
 from stream.broker import LocalBroker
 
@@ -57,3 +60,18 @@ def fresh_topics(kafka_bootstrap: str, unique_name: Callable[[str], str]) -> Cal
 def adapters_dir() -> Path:
     """Return the adapters the tests score with: the shipped ones, or `$FINPULSE_TEST_ADAPTERS` while retraining."""
     return Path(os.environ.get("FINPULSE_TEST_ADAPTERS", REPO / "adapters"))
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """Start one throwaway PostgreSQL server for the session (the lake's multi-host catalog) and yield its DSN."""
+    if postgres_binaries() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install -y postgresql")
+    # Not pytest's tmp_path: when root, the server runs as user postgres, which cannot enter root's 0700 dirs.
+    data_dir = Path(tempfile.mkdtemp(prefix="finpulse-test-pg-", dir="/tmp"))
+    server = LocalPostgres(data_dir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -26,7 +26,7 @@ from finpulse.replay import labelled_stream, news_messages
 from learner.config import ModelConfig
 from learner.model import Classifier
 from monitor.metrics import ScorerMetrics
-from storage import History, StorageConfig
+from storage import History, LakeConfig, StorageConfig
 from stream.admin import ensure_topics
 from stream.broker import LocalBroker
 from stream.config import ScorerConfig, TopicNames
@@ -141,57 +141,83 @@ def test_every_kind_that_once_crashed_a_scorer_ends_scored_or_dead_lettered(
     assert committed_equals_end(kafka_bootstrap, topics.raw, config.group_id)
 
 
-def _hold_write_lock(path: Path) -> subprocess.Popen[str]:
-    """Open the history read-write in another process, as the duckdb CLI or a notebook does, until stdin closes."""
+def _hold_writers_turn(lake_dir: Path) -> subprocess.Popen[str]:
+    """Hold the lake's writers' turn from another process (a writer wedged mid-commit) until stdin closes."""
     code = (
-        "import duckdb, sys\n"
-        f"con = duckdb.connect({str(path)!r})\n"
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(lake_dir / 'catalog.sqlite.writers.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
         "print('held', flush=True)\n"
         "sys.stdin.read()\n"
-        "con.close()\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     return holder
 
 
-def test_storage_held_by_an_analyst_pauses_the_scorer_with_true_lag_and_loses_nothing(
+def _hold_analyst_session(history: History) -> subprocess.Popen[str]:
+    """Open the lake from stock duckdb in another process, as an analyst's notebook does, and keep it open."""
+    statements = history.lake.analyst_statements()
+    code = (
+        "import duckdb, json, sys\n"
+        "con = duckdb.connect()\n"
+        f"for statement in json.loads({json.dumps(json.dumps(statements))}):\n"
+        "    con.execute(statement)\n"
+        "con.execute('BEGIN TRANSACTION')\n"
+        "print(con.execute('SELECT count(*) FROM news').fetchone()[0], flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip().isdigit()
+    return holder
+
+
+def _release(holder: subprocess.Popen[str]) -> None:
+    assert holder.stdin is not None
+    holder.stdin.close()
+    holder.wait(timeout=30)
+
+
+def test_a_wedged_history_pauses_the_scorer_with_true_lag_and_an_analyst_never_does(
     kafka_bootstrap: str, classifier: Classifier, tmp_path: Path
 ) -> None:
     topics, config = _topics(kafka_bootstrap), _config(lag_interval_s=0.5)
-    db = tmp_path / "h.duckdb"
-    history = History(StorageConfig(duckdb_path=db, lock_timeout_s=1))
+    lake_dir = tmp_path / "lake"
+    history = History(
+        StorageConfig(duckdb_path=tmp_path / "h.duckdb", lake=LakeConfig(data_dir=lake_dir, lock_timeout_s=1))
+    )
     history.ensure_schema()
     metrics = ScorerMetrics()
-    first, later = news_messages(labelled_stream(40))[:20], news_messages(labelled_stream(40))[20:]
+    stream = news_messages(labelled_stream(60))
+    first, second, third = stream[:20], stream[20:40], stream[40:]
     with _Running(Scorer(kafka_bootstrap, topics, config, classifier, history, metrics)) as running:
-        produce(kafka_bootstrap, topics.raw, first)
-        _wait(lambda: history.count() == 20, 120, "the first rows")
-        holder = _hold_write_lock(db)
+        # An analyst holding a read transaction open on the lake: the scorer does not wait on it.
+        analyst = _hold_analyst_session(history)
         try:
-            produce(kafka_bootstrap, topics.raw, later)
+            produce(kafka_bootstrap, topics.raw, first)
+            _wait(lambda: history.count() == 20, 120, "rows while an analyst holds the lake open")
+        finally:
+            _release(analyst)
+        holder = _hold_writers_turn(lake_dir)
+        try:
+            produce(kafka_bootstrap, topics.raw, second)
 
             def paused_with_lag() -> bool:
-                paused = metrics.registry.get_sample_value("finpulse_scorer_paused", {"stage": "dedupe"}) or 0
-                paused += metrics.registry.get_sample_value("finpulse_scorer_paused", {"stage": "history"}) or 0
-                lag = sum(
-                    s.value
-                    for f in metrics.consumer_lag.collect()
-                    for s in f.samples
-                    if s.name == "finpulse_consumer_lag"
-                )
-                return paused >= 1 and lag >= len(later) and running.thread.is_alive()
+                paused = metrics.registry.get_sample_value("finpulse_scorer_paused", {"stage": "history"}) or 0
+                samples = [s for f in metrics.consumer_lag.collect() for s in f.samples]
+                lag = sum(s.value for s in samples if s.name == "finpulse_consumer_lag")
+                return paused >= 1 and lag >= len(second) and running.thread.is_alive()
 
-            # Longer than lock_timeout_s (the scorer used to exit here), and the lag tells the truth meanwhile.
+            # Longer than lock_timeout_s (a scorer used to exit here), and the lag tells the truth meanwhile.
             _wait(paused_with_lag, 60, "the scorer to pause with the backlog as its lag")
         finally:
-            assert holder.stdin is not None
-            holder.stdin.close()
-            holder.wait(timeout=30)
-        _wait(lambda: history.count() == 40, 120, "the held-back rows after the lock was released")
+            _release(holder)
+        produce(kafka_bootstrap, topics.raw, third)
+        _wait(lambda: history.count() == 60, 120, "the held-back rows after the writer let go")
         _wait(lambda: committed_equals_end(kafka_bootstrap, topics.raw, config.group_id), 60, "the commit")
         assert running.error is None and running.thread.is_alive()
-    assert history.query("SELECT count(DISTINCT id) FROM news").rows[0][0] == 40
+    assert history.query("SELECT count(DISTINCT id) FROM news").rows[0][0] == 60
+    assert read_all(kafka_bootstrap, topics.dlq) == []  # an outage is waited out, never blamed on the records
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""Tests of the DuckDB history on real files: schema, idempotent writes, queries, rendering, locking."""
+"""The DuckDB file (FileHistory): schema, idempotent writes, read-only queries, locks between processes and threads.
+
+The state tables live in it, and so did the news before the lake: `finpulse migrate` reads that file, and
+`finpulse bench history` measures it as the baseline.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import duckdb
 import pytest
 from rich.console import Console
 
-from storage import History, NewsRow, QueryError, StorageConfig, StorageError, StoreLockedError
+from storage import FileHistory, NewsRow, QueryError, StorageConfig, StorageError, StoreLockedError
 from storage.schema import NEWS_COLUMNS, SCHEMA_VERSION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,19 +57,19 @@ def make_row(news_id: str, **overrides: Any) -> NewsRow:
 
 
 @pytest.fixture()
-def history(tmp_path: Path) -> History:
-    """Return a History on a fresh file under tmp_path (not created yet)."""
-    return History(StorageConfig(duckdb_path=tmp_path / "history" / "finpulse.duckdb", lock_timeout_s=20))
+def history(tmp_path: Path) -> FileHistory:
+    """Return a FileHistory on a fresh file under tmp_path (not created yet)."""
+    return FileHistory(StorageConfig(duckdb_path=tmp_path / "history" / "finpulse.duckdb", lock_timeout_s=20))
 
 
 @pytest.fixture()
-def filled(history: History) -> History:
-    """Return a History holding three rows n0, n1, n2."""
+def filled(history: FileHistory) -> FileHistory:
+    """Return a FileHistory holding three rows n0, n1, n2."""
     history.write_batch([make_row(f"n{i}", kafka_offset=i) for i in range(3)])
     return history
 
 
-def test_schema_creation_is_idempotent(history: History) -> None:
+def test_schema_creation_is_idempotent(history: FileHistory) -> None:
     history.ensure_schema()
     history.ensure_schema()
     history.write_batch([make_row("a")])  # migrates again inside the write
@@ -78,7 +82,7 @@ def test_schema_creation_is_idempotent(history: History) -> None:
     assert history.count() == 1
 
 
-def test_file_from_a_newer_finpulse_is_refused(history: History) -> None:
+def test_file_from_a_newer_finpulse_is_refused(history: FileHistory) -> None:
     history.ensure_schema()
     with duckdb.connect(str(history.path)) as con:
         con.execute("INSERT INTO schema_version VALUES (?, 'future', now())", [SCHEMA_VERSION + 1])
@@ -86,7 +90,7 @@ def test_file_from_a_newer_finpulse_is_refused(history: History) -> None:
         history.write_batch([make_row("a")])
 
 
-def test_write_batch_is_idempotent_on_replay(history: History) -> None:
+def test_write_batch_is_idempotent_on_replay(history: FileHistory) -> None:
     batch = [make_row(f"n{i}", kafka_offset=i) for i in range(128)]
     first = history.write_batch(batch)
     assert first.inserted == [row.id for row in batch]
@@ -98,7 +102,7 @@ def test_write_batch_is_idempotent_on_replay(history: History) -> None:
     assert history.existing_ids(["n0", "n127", "unknown"]) == {"n0", "n127"}
 
 
-def test_duplicates_within_a_batch_keep_the_first_occurrence(history: History) -> None:
+def test_duplicates_within_a_batch_keep_the_first_occurrence(history: FileHistory) -> None:
     history.write_batch([make_row("old")])
     result = history.write_batch(
         [make_row("x", text="first"), make_row("old"), make_row("x", text="second"), make_row("y")]
@@ -109,12 +113,12 @@ def test_duplicates_within_a_batch_keep_the_first_occurrence(history: History) -
     assert [row.text for row in history.fetch(["x"])] == ["first"]
 
 
-def test_empty_batch_touches_nothing(history: History) -> None:
+def test_empty_batch_touches_nothing(history: FileHistory) -> None:
     assert history.write_batch([]).inserted == []
     assert not history.path.exists()
 
 
-def test_rows_round_trip_with_timezones(history: History) -> None:
+def test_rows_round_trip_with_timezones(history: FileHistory) -> None:
     new_york = dt.datetime(2024, 3, 10, 1, 59, 59, 999999, tzinfo=ZoneInfo("America/New_York"))
     pacific = dt.datetime(2023, 12, 31, 23, 0, tzinfo=dt.timezone(dt.timedelta(hours=-8)))
     rows = [
@@ -176,7 +180,7 @@ def test_news_row_validates_its_fields() -> None:
         ("EXPLAIN (ANALYZE, FORMAT json) UPDATE news SET topic = 'x'", "UPDATE inside EXPLAIN"),
     ],
 )
-def test_query_refuses_writes(filled: History, sql: str, kind: str) -> None:
+def test_query_refuses_writes(filled: FileHistory, sql: str, kind: str) -> None:
     with pytest.raises(QueryError, match=rf"^only read queries are allowed \(got {kind}\)$"):
         filled.query(sql)
     assert filled.count() == 3
@@ -198,13 +202,13 @@ def test_query_refuses_writes(filled: History, sql: str, kind: str) -> None:
         "SUMMARIZE news",
     ],
 )
-def test_query_allows_reads(filled: History, sql: str) -> None:
+def test_query_allows_reads(filled: FileHistory, sql: str) -> None:
     result = filled.query(sql)
     assert result.columns
     assert result.rows
 
 
-def test_query_takes_parameters_and_limits_rows(filled: History) -> None:
+def test_query_takes_parameters_and_limits_rows(filled: FileHistory) -> None:
     result = filled.query("SELECT id FROM news WHERE kafka_offset >= ? ORDER BY id", [1])
     assert result.rows == [("n1",), ("n2",)]
     limited = filled.query("SELECT id FROM news ORDER BY id", max_rows=2)
@@ -212,7 +216,7 @@ def test_query_takes_parameters_and_limits_rows(filled: History) -> None:
     assert limited.truncated
 
 
-def test_bad_sql_carries_duckdbs_message(filled: History) -> None:
+def test_bad_sql_carries_duckdbs_message(filled: FileHistory) -> None:
     with pytest.raises(QueryError, match='syntax error at or near "SELEC"') as parse_error:
         filled.query("SELEC 1")
     assert isinstance(parse_error.value.__cause__, duckdb.ParserException)
@@ -225,7 +229,7 @@ def test_bad_sql_carries_duckdbs_message(filled: History) -> None:
         filled.query("  ")
 
 
-def test_missing_file_says_to_run_the_scorer_first(history: History) -> None:
+def test_missing_file_says_to_run_the_scorer_first(history: FileHistory) -> None:
     with pytest.raises(QueryError, match="no history yet at .*finpulse.duckdb: run the scorer or the demo"):
         history.query("SELECT 1")
     assert history.count() == 0
@@ -234,7 +238,7 @@ def test_missing_file_says_to_run_the_scorer_first(history: History) -> None:
     assert not history.path.parent.exists()  # reading created neither the file nor its folder
 
 
-def test_results_render_as_csv_json_and_table(filled: History) -> None:
+def test_results_render_as_csv_json_and_table(filled: FileHistory) -> None:
     filled.write_batch([make_row("odd", text='[bold]not markup[/bold], "quoted"', kafka_partition=None)])
     result = filled.query(
         "SELECT id, published_at, tickers, sentiment_positive, kafka_partition, text " "FROM news ORDER BY id DESC"
@@ -276,7 +280,7 @@ def test_results_render_as_csv_json_and_table(filled: History) -> None:
 
 def test_query_reports_a_store_held_too_long(tmp_path: Path) -> None:
     path = tmp_path / "held.duckdb"
-    History(StorageConfig(duckdb_path=path)).ensure_schema()
+    FileHistory(StorageConfig(duckdb_path=path)).ensure_schema()
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -294,7 +298,7 @@ def test_query_reports_a_store_held_too_long(tmp_path: Path) -> None:
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "ready"
-        impatient = History(StorageConfig(duckdb_path=path, lock_timeout_s=0.3))
+        impatient = FileHistory(StorageConfig(duckdb_path=path, lock_timeout_s=0.3))
         started = time.monotonic()
         with pytest.raises(StoreLockedError, match="stayed locked for longer than 0.3 s"):
             impatient.query("SELECT count(*) FROM news")
@@ -303,10 +307,10 @@ def test_query_reports_a_store_held_too_long(tmp_path: Path) -> None:
         assert time.monotonic() - started < 10
     finally:
         holder.communicate(input="", timeout=30)
-    assert History(StorageConfig(duckdb_path=path)).write_batch([make_row("a")]).inserted == ["a"]
+    assert FileHistory(StorageConfig(duckdb_path=path)).write_batch([make_row("a")]).inserted == ["a"]
 
 
-def test_threads_of_one_process_share_the_file(history: History) -> None:
+def test_threads_of_one_process_share_the_file(history: FileHistory) -> None:
     errors: list[BaseException] = []
 
     def write(prefix: str) -> None:
@@ -338,10 +342,10 @@ _WRITER = """
 import datetime as dt
 import sys
 
-from storage import History, NewsRow, StorageConfig
+from storage import FileHistory, NewsRow, StorageConfig
 
 path, batches, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-history = History(StorageConfig(duckdb_path=path, lock_timeout_s=60))
+history = FileHistory(StorageConfig(duckdb_path=path, lock_timeout_s=60))
 now = dt.datetime.now(dt.UTC)
 inserted = 0
 for batch in range(batches):
@@ -366,7 +370,7 @@ print(inserted)
 def test_concurrent_writer_process_and_queries(tmp_path: Path) -> None:
     batches, size = 200, 50
     path = tmp_path / "shared.duckdb"
-    history = History(StorageConfig(duckdb_path=path, lock_timeout_s=30))
+    history = FileHistory(StorageConfig(duckdb_path=path, lock_timeout_s=30))
     history.ensure_schema()
     env = {
         **os.environ,
