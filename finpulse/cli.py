@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -60,6 +61,14 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}") from None
     if value < 0 or value != value:
         raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Parse a number > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
@@ -120,6 +129,27 @@ def build_parser() -> Parser:
     query.add_argument("sql", help='e.g. "SELECT topic, count(*) FROM news GROUP BY 1"')
     query.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     query.add_argument("--max-rows", type=positive_int, default=100, help="rows shown in table format")
+    query.add_argument(
+        "--timeout", type=positive_float, help="stop the query after this many seconds (storage.lake.query_timeout_s)"
+    )
+    query.add_argument(
+        "--as-of", help="time travel: a lake snapshot id, or an RFC 3339 time (the history as it was then)"
+    )
+
+    export = sub.add_parser("export", parents=[common], help="write the news history to a Parquet or CSV file")
+    export.add_argument("path", type=Path, help="file to write, e.g. news-2024-03.parquet")
+    export.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format")
+    export.add_argument("--since", type=_utc_time, help="only rows scored at or after this RFC 3339 time")
+    export.add_argument("--until", type=_utc_time, help="only rows scored before this RFC 3339 time")
+    export.add_argument("--as-of", help="as the history was at this snapshot id or RFC 3339 time")
+
+    migrate = sub.add_parser(
+        "migrate", parents=[common], help="move the news of a DuckDB-file history (finpulse ≤ 0.1) into the lake"
+    )
+    migrate.add_argument("--from", dest="source", type=Path, help="the old DuckDB file (default: storage.duckdb_path)")
+
+    compact = sub.add_parser("compact", parents=[common], help="merge the lake's small files and expire old snapshots")
+    del compact  # no options: everything comes from storage.lake
 
     demo = sub.add_parser("demo", parents=[common], help="replay a real labelled stream through the pipeline")
     demo.add_argument("--messages", type=positive_int, default=1000, help="labelled messages to replay (default 1000)")
@@ -132,8 +162,9 @@ def build_parser() -> Parser:
     bench = sub.add_parser("bench", parents=[common], help="benchmarks (baseline and finpulse side by side)")
     bench.add_argument(
         "which",
-        choices=["score", "cl", "faults"],
-        help="score: scorer vs pipeline; cl: continual learning; faults: bad input, kills, broker restart",
+        choices=["score", "cl", "faults", "history"],
+        help="score: scorer vs pipeline; cl: continual learning; faults: bad input, kills, broker restart; "
+        "history: the lake vs the DuckDB file at --rows",
     )
     bench.add_argument("--messages", type=positive_int, default=1000, help="score: messages per contender")
     bench.add_argument(
@@ -141,6 +172,7 @@ def build_parser() -> Parser:
         action="store_true",
         help="cl: small experiences and one seed (a few minutes); faults: fewer messages, 2 kills, no learner",
     )
+    bench.add_argument("--rows", type=positive_int, default=5_000_000, help="history: rows to pre-fill (5M)")
     bench.add_argument("--kills", type=positive_int, help="faults: scorer SIGKILLs (default 5, 2 with --quick)")
     bench.add_argument("--seeds", type=positive_int, help="cl: how many seeds (default 3, 1 with --quick)")
     bench.add_argument("--json", action="store_true", help="print one JSON line")
@@ -295,7 +327,8 @@ def cmd_query(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     """Run a read-only query and print the result."""
     from storage import History
 
-    result = History(config.storage).query(args.sql)
+    history = History(config.storage)
+    result = history.query(args.sql, timeout_s=args.timeout, as_of=_as_of(args.as_of))
     if args.format == "csv":
         result.to_csv(sys.stdout)
     elif args.format == "json":
@@ -303,6 +336,59 @@ def cmd_query(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     else:
         Console().print(result.to_table(max_rows=args.max_rows))
     return 0
+
+
+def cmd_export(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Write the rows scored in [since, until) to one file."""
+    from storage import History
+
+    lake = History(config.storage).lake
+    written = lake.export(args.path, format=args.format, since=args.since, until=args.until, as_of=_as_of(args.as_of))
+    console.print(f"wrote {written} rows to {args.path} ({args.format})", highlight=False)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Copy the news table of a DuckDB-file history into the lake; running it again copies nothing twice."""
+    from storage import History
+
+    source = args.source or config.storage.duckdb_path
+    history = History(config.storage)
+    done = history.lake.migrate_from_duckdb(source)
+    console.print(
+        f"migrated {source} (schema v{done.source_schema_version}): {done.source_rows} rows, {done.copied} copied, "
+        f"{done.already_present} already in the lake; the lake holds {history.count()} rows",
+        highlight=False,
+    )
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Merge small files, flush inlined rows and expire old snapshots (scorers also do this when it is due)."""
+    from storage import History
+
+    done = History(config.storage).lake.compact()
+    console.print(f"compacted: {done}", highlight=False)
+    return 0
+
+
+def _as_of(value: str | None) -> int | datetime | None:
+    """Read --as-of: a snapshot id (digits) or an RFC 3339 time."""
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    return _utc_time(value)
+
+
+def _utc_time(value: str) -> datetime:
+    """Parse an RFC 3339 time for a flag; argparse turns the ValueError into a one-line usage error."""
+    from stream.messages import parse_timestamp
+
+    parsed = parse_timestamp(value)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"expected an RFC 3339 time such as 2024-03-01T00:00:00Z, got {value!r}")
+    return parsed
 
 
 def cmd_demo(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
@@ -323,6 +409,8 @@ def cmd_bench(args: argparse.Namespace, config: AppConfig, console: Console) -> 
         return _bench_cl(args, config, console)
     if args.which == "faults":
         return _bench_faults(args, config, console)
+    if args.which == "history":
+        return _bench_history(args, console)
     from finpulse.bench import run_bench, write_result
 
     result = run_bench(config, args.messages, config.storage.duckdb_path.parent / "bench", console)
@@ -350,6 +438,22 @@ def _bench_faults(args: argparse.Namespace, config: AppConfig, console: Console)
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
         faults.print_result(result, console)
+        console.print(f"written to {out}")
+    return 0
+
+
+def _bench_history(args: argparse.Namespace, console: Console) -> int:
+    """Pre-fill a lake and a DuckDB file to --rows and measure both; progress on stderr, one JSON line."""
+    from finpulse import bench_history
+
+    result = bench_history.run_history_bench(args.rows, log=lambda line: print(line, file=sys.stderr, flush=True))
+    out = args.out or Path("results/bench-history.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        console.print_json(json.dumps(result))
         console.print(f"written to {out}")
     return 0
 
@@ -706,6 +810,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AppConfig, Console], int]] = {
     "bootstrap": cmd_bootstrap,
     "score": cmd_score,
     "query": cmd_query,
+    "export": cmd_export,
+    "migrate": cmd_migrate,
+    "compact": cmd_compact,
     "demo": cmd_demo,
     "bench": cmd_bench,
     "subscribe": cmd_subscribe,

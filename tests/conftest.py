@@ -75,3 +75,19 @@ def postgres_dsn() -> Iterator[str]:
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def fresh_postgres_database(dsn: str, name: str) -> str:
+    """Create database `name` on the server of `dsn` (the session's PostgreSQL) and return a DSN for it."""
+    import duckdb
+
+    from storage.lake import extension_path
+
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        con.execute(f"LOAD '{extension_path('postgres')}'")
+        con.execute(f"ATTACH '{dsn}' AS pg (TYPE postgres)")
+        con.execute(f"CALL postgres_execute('pg', 'CREATE DATABASE {name}', use_transaction => false)")
+    finally:
+        con.close()
+    return dsn.replace("dbname=finpulse", f"dbname={name}")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fresh_postgres_database
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +23,7 @@ from learner.config import ModelConfig
 from learner.model import Classifier
 from monitor.config import MetricsConfig
 from monitor.metrics import MetricsServer, ScorerMetrics
-from storage import History, StorageConfig
+from storage import History, LakeConfig, StorageConfig
 from stream.admin import ensure_topics
 from stream.config import ScorerConfig, TopicNames
 from stream.scorer import Scorer
@@ -153,7 +154,13 @@ def test_real_messages_and_malformed_ones(
 
 
 def _scorer_process(
-    bootstrap: str, topics: TopicNames, group: str, db: Path, log: Path, adapters: Path
+    bootstrap: str,
+    topics: TopicNames,
+    group: str,
+    db: Path,
+    log: Path,
+    adapters: Path,
+    lake_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     args = [
         sys.executable,
@@ -183,7 +190,7 @@ def _scorer_process(
         "--set",
         "scorer.max_wait_ms=50",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(lake_env or {})}
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
@@ -240,20 +247,54 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 p.kill()
 
 
+def _lake(catalog: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[LakeConfig, dict[str, str]]:
+    """Return the lake config of a test and the environment that gives scorer processes the same one."""
+    env = {"FINPULSE_STORAGE__LAKE__DATA_DIR": str(tmp_path / "lake")}
+    fields: dict[str, object] = {"data_dir": tmp_path / "lake"}
+    if catalog == "postgres":
+        dsn = fresh_postgres_database(request.getfixturevalue("postgres_dsn"), f"e2e_{uuid.uuid4().hex[:8]}")
+        env |= {"FINPULSE_STORAGE__LAKE__CATALOG": "postgres", "FINPULSE_STORAGE__LAKE__POSTGRES_DSN": dsn}
+        fields |= {"catalog": "postgres", "postgres_dsn": dsn}
+    return LakeConfig.model_validate(fields), env
+
+
+def _analyst_holding(history: History) -> subprocess.Popen[str]:
+    """A stock `duckdb` process that opens the lake as an analyst would and keeps one read transaction open."""
+    code = (
+        "import duckdb, json, sys\n"
+        "con = duckdb.connect()\n"
+        f"for statement in json.loads({json.dumps(json.dumps(history.lake.analyst_statements()))}):\n"
+        "    con.execute(statement)\n"
+        "con.execute('BEGIN TRANSACTION')\n"
+        "print(con.execute('SELECT count(*) FROM news').fetchone()[0], flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip().isdigit()
+    return holder
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("catalog", ["sqlite", "postgres"])
 def test_scorers_share_partitions_and_a_killed_one_loses_nothing(
     kafka_bootstrap: str,
     topics: TopicNames,
     tmp_path: Path,
     processes: list[subprocess.Popen[bytes]],
     adapters_dir: Path,
+    catalog: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     items = labelled_stream(600)
     group, db = f"g-{uuid.uuid4().hex[:8]}", tmp_path / "h.duckdb"
-    history = History(StorageConfig(duckdb_path=db, lock_timeout_s=60))
-    first = _scorer_process(kafka_bootstrap, topics, group, db, tmp_path / "a.log", adapters_dir)
-    second = _scorer_process(kafka_bootstrap, topics, group, db, tmp_path / "b.log", adapters_dir)
+    lake, lake_env = _lake(catalog, tmp_path, request)
+    history = History(StorageConfig(duckdb_path=db, lock_timeout_s=60, lake=lake))
+    history.ensure_schema()
+    first = _scorer_process(kafka_bootstrap, topics, group, db, tmp_path / "a.log", adapters_dir, lake_env)
+    second = _scorer_process(kafka_bootstrap, topics, group, db, tmp_path / "b.log", adapters_dir, lake_env)
     processes.extend([first, second])
+    # An analyst's stock duckdb session holds a read transaction on the lake for the whole run: nothing waits on it.
+    analyst = _analyst_holding(history)
     # Both members join before the first message, so the stream is shared from its start.
     _wait(lambda: group_members(kafka_bootstrap, group) == 2, 180, "both scorers to join the group")
     producer = ReplayProducer(kafka_bootstrap, topics.raw, news_messages(items), rate=100)
@@ -285,12 +326,16 @@ def test_scorers_share_partitions_and_a_killed_one_loses_nothing(
     )
     print(f"failover after SIGKILL: {time.monotonic() - killed_at:.1f} s")
     # A replacement joins while the survivor carries on: the three share what is left of the stream.
-    processes.append(_scorer_process(kafka_bootstrap, topics, group, db, tmp_path / "c.log", adapters_dir))
+    processes.append(_scorer_process(kafka_bootstrap, topics, group, db, tmp_path / "c.log", adapters_dir, lake_env))
     _wait(lambda: seen.append(history.count()) or seen[-1] >= len(items), 240, "the survivor to finish")
     time.sleep(2)  # a late duplicate write would show up here
     producer.join(timeout=30)
     assert producer.error is None and producer.sent == len(items)
 
+    assert analyst.poll() is None, "the analyst's session was open all along"
+    assert analyst.stdin is not None
+    analyst.stdin.close()
+    analyst.wait(timeout=30)
     assert seen == sorted(seen)
     assert history.count() == len(items)
     assert history.query("SELECT count(DISTINCT id) FROM news").rows[0][0] == len(items)
