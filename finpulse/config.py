@@ -9,6 +9,7 @@ the field and how to fix it.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -106,6 +107,9 @@ def _set_dotted(into: dict[str, Any], dotted: str, value: Any, origin: str) -> N
     node[parts[-1]] = value
 
 
+_SECRET_FIELD = re.compile(r"password|secret|token|dsn|credential|sasl|api_key", re.IGNORECASE)
+
+
 def _one_line(error: ValidationError, source: Path | None) -> str:
     first = error.errors()[0]
     field = ".".join(str(p) for p in first["loc"])
@@ -115,6 +119,10 @@ def _one_line(error: ValidationError, source: Path | None) -> str:
         message = "unknown setting; check its spelling against `finpulse config`"
     env_name = ENV_PREFIX + field.upper().replace(".", "__")
     where = f"{source}" if source else "finpulse.toml"
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    # A secret's value (a password, a DSN, a token) is never printed back, not even when it is wrong.
+    secret = _SECRET_FIELD.search(field) is not None
+    shown = "" if isinstance(got, dict) or secret else f" (got {got!r})"
+    if secret and isinstance(got, str) and got:
+        message = message.replace(got, "***")
     more = f" [+{error.error_count() - 1} more]" if error.error_count() > 1 else ""
     return f"config: {field}: {message}{shown}; fix it in {where}, {env_name} or the matching flag{more}"

@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -356,6 +357,12 @@ def test_finpulse_services_run_real_subcommands() -> None:
             assert cmd[0] in PLANNED_COMMANDS, f"service {name}: `finpulse {cmd[0]}` is not a sub-command"
 
 
+def _section(annotation: Any) -> Any:
+    """Return the model of an optional section (`LakeConfig | None`), else the annotation itself."""
+    models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else annotation
+
+
 def config_field(dotted: list[str]) -> str | None:
     """Return why `dotted` is not a settable config field, or None when it is."""
     model: Any = AppConfig
@@ -364,7 +371,7 @@ def config_field(dotted: list[str]) -> str | None:
             return f"{'.'.join(dotted[:depth])} is a value, not a section"
         if part not in model.model_fields:
             return f"{part!r} is not a field of {'.'.join(dotted[:depth]) or 'the config'}"
-        model = model.model_fields[part].annotation
+        model = _section(model.model_fields[part].annotation)
     if isinstance(model, type) and issubclass(model, BaseModel):
         return f"{'.'.join(dotted)} is a section, not a value"
     return None

@@ -81,3 +81,16 @@ def test_watchlist_bad_json_names_the_field() -> None:
 def test_example_config_loads_and_matches_the_defaults() -> None:
     example = Path(__file__).resolve().parents[1] / "finpulse.example.toml"
     assert load_config(example, environ={}) == load_config(environ={}, overrides={})
+
+
+def test_a_refused_secret_is_never_echoed() -> None:
+    from finpulse.config import load_config
+    from finpulse.errors import ConfigError
+
+    environ = {
+        "FINPULSE_STORAGE__LAKE__CATALOG": "postgres",
+        "FINPULSE_STORAGE__LAKE__POSTGRES_DSN": "host=db password=hunter2 'unclosed",
+    }
+    with pytest.raises(ConfigError) as refused:
+        load_config(environ=environ)
+    assert "storage.lake.postgres_dsn" in str(refused.value) and "hunter2" not in str(refused.value)
