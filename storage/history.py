@@ -591,8 +591,14 @@ class History(FileHistory):
         limit = self._lake_config.query_timeout_s if timeout_s is None else timeout_s
         with self._session(read_only=True) as con:
             try:
-                for statement in self.lake.analyst_statements():
-                    if statement.startswith("SET enable_external_access"):
+                # Before the first scored row there is no lake to attach: the file's own tables answer alone.
+                statements = (
+                    self.lake.analyst_statements()
+                    if self.lake.exists()
+                    else ["SET enable_external_access = false", "SET lock_configuration = true"]
+                )
+                for statement in statements:
+                    if statement.startswith("SET enable_external_access") and self.lake.exists():
                         # Before the lock-down: the lake's tables take the names analysts always used.
                         for name in _SHADOWED:
                             con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM lake.{name}")

@@ -723,6 +723,10 @@ class Lake:
             self._reader = con
         return self._reader
 
+    def exists(self) -> bool:
+        """Return False while a SQLite catalog has not been created yet (a PostgreSQL one is taken to exist)."""
+        return self._exists()
+
     def _exists(self) -> bool:
         """Return False when a SQLite catalog file is missing (a PostgreSQL catalog is asked instead)."""
         return self._config.catalog != "sqlite" or self._config.catalog_file.is_file()

@@ -248,7 +248,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         description="subscriptions.secret signs deliveries (Standard Webhooks)",
         # NULL for the subscriptions added before: the dispatcher gives each one a secret (from Python's
         # `secrets`, not DuckDB's random()) at its first delivery.
-        statements=("ALTER TABLE subscriptions ADD COLUMN secret VARCHAR",),
+        statements=("ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS secret VARCHAR",),
     ),
 )
 

@@ -100,7 +100,7 @@ def test_query_formats(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_query_refuses_writes_and_missing_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["query", "SELECT 1", "--duckdb-path", str(tmp_path / "none.duckdb")]) == 1
-    assert "no history yet" in capsys.readouterr().err
+    assert "run the scorer or the demo first" in capsys.readouterr().err
     db = tmp_path / "h.duckdb"
     _history(db)
     assert main(["query", "DELETE FROM news", "--duckdb-path", str(db)]) == 1
