@@ -24,6 +24,7 @@ from learner.labels import SENTIMENTS
 from learner.metrics import accuracy, macro_f1
 from monitor.metrics import MetricsServer
 from storage import History
+from storage.history import lake_dir_of
 from stream.admin import delete_topics, ensure_topics
 from stream.config import TopicNames
 from stream.messages import NewsItem
@@ -79,10 +80,13 @@ def run_demo(
     db_path = demo_db_path(config)
     for stale in (db_path, db_path.with_name(db_path.name + ".wal")):
         stale.unlink(missing_ok=True)
+    # The demo's lake too: the same tweets again would all be duplicates of the last run's rows.
+    shutil.rmtree(lake_dir_of(db_path), ignore_errors=True)
     topics = demo_topics(run_id)
     config = config.model_copy(
         update={
-            "storage": config.storage.model_copy(update={"duckdb_path": db_path}),
+            # The demo's own lake beside demo.duckdb, whatever lake the config names for real use.
+            "storage": config.storage.model_copy(update={"duckdb_path": db_path, "lake": None}),
             "kafka": config.kafka.model_copy(update={"topics": topics}),
             "scorer": config.scorer.model_copy(update={"group_id": f"demo-{run_id}"}),
             # Any free port: a second demo, or a scorer already on 9464, must not stop this one.
@@ -164,6 +168,7 @@ def run_demo(
         replay.join(timeout=10)
 
     history = History(config.storage)
+    history.ensure_schema()  # the state file too, for `finpulse query` on alerts after a run without alerts
     predicted: dict[str, str] = {str(i): str(s) for i, s in history.query("SELECT id, sentiment FROM news").rows}
     gold_ids = [i for i in labels if i in predicted]
     gold = [labels[i] for i in gold_ids]
@@ -350,7 +355,7 @@ def print_summary(summary: DemoSummary, console: Console) -> None:
             f"{summary.labelled} labelled)",
         ),
         ("adapters", ", ".join(f"{k}={v}" for k, v in summary.versions.items())),
-        ("DuckDB", summary.duckdb_path),
+        ("history", f"{summary.duckdb_path} (lake: {lake_dir_of(Path(summary.duckdb_path))})"),
         ("Kafka", summary.bootstrap_servers),
     ]
     rows.append(("alert", _alert_line(summary.alerts)))

@@ -654,16 +654,28 @@ def _json_object(value: bytes | None) -> dict[str, Any] | None:
     return decoded if isinstance(decoded, dict) else None
 
 
+_HISTORIES: dict[Path, Any] = {}
+
+
 def _history(path: Path) -> Any:
     from storage import History, StorageConfig
 
-    # Scorers hold the file for one short transaction at a time; a read waits its turn.
-    return History(StorageConfig(duckdb_path=path, lock_timeout_s=120))
+    # One History (one lake connection) per history the benchmark reads, reused across its many reads.
+    if path not in _HISTORIES:
+        _HISTORIES[path] = History(StorageConfig(duckdb_path=path, lock_timeout_s=120))
+    return _HISTORIES[path]
+
+
+def _has_history(db: Path) -> bool:
+    """Return True once the scorers wrote anything: the lake beside the state file, or the file itself."""
+    from storage.history import lake_dir_of
+
+    return (lake_dir_of(db) / "catalog.sqlite").exists() or db.exists()
 
 
 def row_coordinates(db: Path, raw: str) -> set[tuple[int, int]]:
     """Return (partition, offset) of every history row that came from topic `raw`."""
-    if not db.exists():
+    if not _has_history(db):
         return set()
     rows = _history(db).query("SELECT kafka_partition, kafka_offset FROM news WHERE kafka_topic = ?", [raw]).rows
     return {(int(p), int(o)) for p, o in rows}
@@ -671,7 +683,7 @@ def row_coordinates(db: Path, raw: str) -> set[tuple[int, int]]:
 
 def history_ids(db: Path) -> tuple[set[str], int]:
     """Return the distinct ids in the history and its row count."""
-    if not db.exists():
+    if not _has_history(db):
         return set(), 0
     history = _history(db)
     ids = {str(r[0]) for r in history.query("SELECT DISTINCT id FROM news").rows}

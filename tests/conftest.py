@@ -16,10 +16,19 @@ from pathlib import Path
 import pytest
 
 from storage.postgres_local import LocalPostgres, postgres_binaries
+from stream import clientlog
 from stream.admin import ensure_topics
 from stream.broker import LocalBroker
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _kafka_log_unfiltered() -> Iterator[None]:
+    """Undo the CLI's kafka-python log filter after each test: a test calling `main()` must not hide the
+    kafka-python lines a later test reads."""
+    yield
+    clientlog.uninstall()
 
 
 @pytest.fixture(scope="session")
