@@ -136,6 +136,11 @@ def build_parser() -> Parser:
         "--as-of", help="time travel: a lake snapshot id, or an RFC 3339 time (the history as it was then)"
     )
 
+    search = sub.add_parser("search", parents=[common], help="the newest news whose text holds every word given")
+    search.add_argument("words", help='e.g. "oil opec"')
+    search.add_argument("--limit", type=positive_int, default=20, help="rows to show, newest first (default 20)")
+    search.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+
     export = sub.add_parser("export", parents=[common], help="write the news history to a Parquet or CSV file")
     export.add_argument("path", type=Path, help="file to write, e.g. news-2024-03.parquet")
     export.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format")
@@ -335,6 +340,20 @@ def cmd_query(args: argparse.Namespace, config: AppConfig, console: Console) -> 
         sys.stdout.write(result.to_json() + "\n")
     else:
         Console().print(result.to_table(max_rows=args.max_rows))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Print the newest rows holding every word (the lake's word table: fast at millions of rows)."""
+    from storage import History
+
+    result = History(config.storage).lake.search(args.words, limit=args.limit)
+    if args.format == "csv":
+        result.to_csv(sys.stdout)
+    elif args.format == "json":
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        Console().print(result.to_table(max_rows=args.limit))
     return 0
 
 
@@ -810,6 +829,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AppConfig, Console], int]] = {
     "bootstrap": cmd_bootstrap,
     "score": cmd_score,
     "query": cmd_query,
+    "search": cmd_search,
     "export": cmd_export,
     "migrate": cmd_migrate,
     "compact": cmd_compact,

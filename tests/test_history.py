@@ -94,6 +94,11 @@ def test_query_export_migrate_and_time_travel_from_the_cli(
     with out_csv.open(encoding="utf-8") as handle:
         assert len(list(csv.DictReader(handle))) == ROWS + 5
 
+    capsys.readouterr()
+    assert _cli(db, "search", "oil", "--format", "json", "--limit", "3") == 0
+    found = json.loads(capsys.readouterr().out)
+    assert len(found) == 3 and all("oil" in row["text"] for row in found)
+
     old = tmp_path / "old.duckdb"
     FileHistory(StorageConfig(duckdb_path=old)).write_batch(batch(7, 0, 12, prefix="old"))
     assert _cli(db, "migrate", "--from", str(old)) == 0
