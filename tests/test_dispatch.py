@@ -662,7 +662,7 @@ def test_the_deep_body_of_main_is_refused_quickly(store: AlertStore) -> None:
         started = time.monotonic()
         status, answer = post(dispatcher.webhook_url, b"[" * 100_000 + b"]" * 100_000)
         assert status == 400 and "nests deeper" in answer["error"]
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30  # a hang guard: the depth scan answers in milliseconds
 
 
 # --- queues: bounded, critical first ---------------------------------------------------------------

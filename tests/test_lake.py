@@ -327,7 +327,9 @@ def check_two_writers(outcome: dict[str, Any], batches: int) -> None:
         f"writes: {len(elapsed)}, longest {max(elapsed):.3f} s, longest not waiting for the other writer "
         f"{max(own_time):.3f} s; reader: {outcome['reader']['queries']} queries in one transaction"
     )
-    assert max(own_time) < 1.0, sorted(own_time)[-5:]
+    # The reader lets go only after every writer has finished, so a write that waited on it would never end.
+    # The bound is that, with room for a loaded machine; how long writes take is `bench history`'s to measure.
+    assert max(own_time) < 30.0, sorted(own_time)[-5:]
 
 
 def test_two_writer_processes_and_a_reader_on_a_sqlite_catalog(tmp_path: Path) -> None:
