@@ -50,7 +50,7 @@ from storage.schema import NEWS_COLUMN_NAMES, TIMESTAMP_COLUMNS, from_epoch_us, 
 if TYPE_CHECKING:
     from storage.lake import Lake
 
-__all__ = ["FileHistory", "History", "NewsRow", "QueryResult", "WriteResult"]
+__all__ = ["FileHistory", "History", "NewsRow", "QueryResult", "WriteResult", "fetch_result", "row_payload"]
 
 _PROBABILITY_FIELDS: Final = (
     "topic_confidence",
@@ -292,7 +292,7 @@ class FileHistory:
             first_seen.setdefault(row.id, row)  # first occurrence wins
         if not first_seen:
             return WriteResult(inserted=[], duplicates=[])
-        payload = json.dumps([_payload(row) for row in first_seen.values()], ensure_ascii=False, allow_nan=False)
+        payload = json.dumps([row_payload(row) for row in first_seen.values()], ensure_ascii=False, allow_nan=False)
         with self._session(read_only=False) as con:
             try:
                 con.begin()
@@ -373,23 +373,11 @@ class FileHistory:
             relation = con.sql(sql, params=list(params) if params else None)
             if relation is None:
                 return QueryResult(columns=[], rows=[])
-            columns = list(relation.columns)
-            types = [str(sql_type) for sql_type in relation.types]
-            relation, utc_positions = _without_timestamptz(relation, types)
-            if max_rows is None:
-                rows = relation.fetchall()
-                truncated = False
-            else:
-                rows = relation.fetchmany(max_rows + 1)
-                truncated = len(rows) > max_rows
-                rows = rows[:max_rows]
+            return fetch_result(relation, max_rows)
         except duckdb.InterruptException:
             raise
         except duckdb.Error as e:
             raise QueryError(str(e)) from e
-        if utc_positions:
-            rows = [_mark_utc(row, utc_positions) for row in rows]
-        return QueryResult(columns=columns, rows=rows, types=types, truncated=truncated)
 
     @contextlib.contextmanager
     def _session(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -648,8 +636,8 @@ def _open_lock_file(path: Path) -> int | None:
         return None
 
 
-def _payload(row: NewsRow) -> dict[str, object]:
-    """Return the JSON object the insert statement decodes for `row`."""
+def row_payload(row: NewsRow) -> dict[str, object]:
+    """Return the JSON object the insert statements (file and lake) decode for `row`."""
     payload: dict[str, object] = {}
     for name in NEWS_COLUMN_NAMES:
         value = getattr(row, name)
@@ -736,6 +724,23 @@ def _explained_candidates(sql: str) -> list[str]:
     if index < len(tokens):
         candidates.append(sql[tokens[index] :])
     return candidates
+
+
+def fetch_result(relation: duckdb.DuckDBPyRelation, max_rows: int | None) -> QueryResult:
+    """Fetch at most `max_rows` rows of a relation into a QueryResult, TIMESTAMPTZ values as aware UTC datetimes."""
+    columns = list(relation.columns)
+    types = [str(sql_type) for sql_type in relation.types]
+    relation, utc_positions = _without_timestamptz(relation, types)
+    if max_rows is None:
+        rows = relation.fetchall()
+        truncated = False
+    else:
+        rows = relation.fetchmany(max_rows + 1)
+        truncated = len(rows) > max_rows
+        rows = rows[:max_rows]
+    if utc_positions:
+        rows = [_mark_utc(row, utc_positions) for row in rows]
+    return QueryResult(columns=columns, rows=rows, types=types, truncated=truncated)
 
 
 def _without_timestamptz(

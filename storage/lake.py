@@ -65,9 +65,16 @@ import duckdb
 
 from storage.config import StorageConfig
 from storage.errors import QueryError, StorageError, StoreLockedError
-from storage.history import FileHistory, NewsRow, QueryResult, WriteResult
+from storage.history import FileHistory, NewsRow, QueryResult, WriteResult, fetch_result, row_payload
 from storage.lake_config import LakeConfig, parse_dsn
-from storage.schema import NEWS_COLUMN_NAMES, NEWS_COLUMNS, NULLABLE_NEWS_COLUMNS, TIMESTAMP_COLUMNS, json_structure
+from storage.schema import (
+    NEWS_COLUMN_NAMES,
+    NEWS_COLUMNS,
+    NULLABLE_NEWS_COLUMNS,
+    TIMESTAMP_COLUMNS,
+    from_epoch_us_required,
+    json_structure,
+)
 
 __all__ = [
     "CompactionResult",
@@ -134,7 +141,6 @@ _ALLOWED_DUCKLAKE_FUNCTIONS: Final = frozenset(
     }
 )
 _EXPLAIN: Final = re.compile(r"^\s*EXPLAIN(?:\s+ANALY[SZ]E)?\s+", re.IGNORECASE)
-_TIMESTAMPTZ: Final = "TIMESTAMP WITH TIME ZONE"
 _DUCKLAKE_RETRY_WAIT_MS: Final = 5
 _DUCKLAKE_MAX_RETRIES: Final = 12  # 5 ms doubling: the last retry waits ~10 s, the sum ~20 s
 _LOCK_POLL_FIRST_S: Final = 0.001
@@ -312,7 +318,7 @@ class Lake:
         if not first_seen and not targets:
             return WriteResult(inserted=[], duplicates=[])
         self.ensure_schema()
-        payload = json.dumps([_payload(row) for row in first_seen.values()], ensure_ascii=False, allow_nan=False)
+        payload = json.dumps([row_payload(row) for row in first_seen.values()], ensure_ascii=False, allow_nan=False)
         cutoff = min((row.scored_at for row in first_seen.values()), default=dt.datetime.now(dt.UTC))
         cutoff -= self._config.duplicate_window
         started = time.perf_counter()
@@ -411,7 +417,7 @@ class Lake:
                 [],
                 "listing snapshots",
             )
-        return [Snapshot(int(sid), _from_epoch_us(micros), str(changes)) for sid, micros, changes in found]
+        return [Snapshot(int(sid), from_epoch_us_required(micros), str(changes)) for sid, micros, changes in found]
 
     def current_snapshot(self) -> int | None:
         """Return the id of the newest snapshot (None before the lake exists)."""
@@ -454,7 +460,7 @@ class Lake:
             relation = self._analyst_relation(con, sql, params, timeout_s)
             if relation is None:
                 return QueryResult(columns=[], rows=[])
-            return self._guarded(con, timeout_s, lambda: _fetch_result(relation, max_rows))
+            return self._guarded(con, timeout_s, lambda: fetch_result(relation, max_rows))
 
     def arrow(
         self,
@@ -1334,19 +1340,6 @@ def _target_offsets(rows: Iterable[NewsRow], offsets: Mapping[tuple[str, int], i
     return targets
 
 
-def _payload(row: NewsRow) -> dict[str, object]:
-    """Return the JSON object the staging statement decodes for `row`."""
-    payload: dict[str, object] = {}
-    for name in NEWS_COLUMN_NAMES:
-        value = getattr(row, name)
-        if name in TIMESTAMP_COLUMNS:
-            value = value.isoformat()  # always carries +00:00, so the cast is exact
-        elif name == "tickers":
-            value = list(value)
-        payload[name] = value
-    return payload
-
-
 def _at_clause(as_of: AsOf) -> tuple[str, list[object]]:
     """Return a DuckLake AT clause for `as_of` and its parameters."""
     if as_of is None:
@@ -1378,57 +1371,12 @@ def _aware(value: dt.datetime, name: str) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
-def _fetch_result(relation: duckdb.DuckDBPyRelation, max_rows: int | None) -> QueryResult:
-    """Fetch an analyst relation into a QueryResult, TIMESTAMPTZ values as aware UTC datetimes."""
-    columns = list(relation.columns)
-    types = [str(sql_type) for sql_type in relation.types]
-    expressions: list[str] = []
-    utc_positions: list[int] = []
-    for position, type_name in enumerate(types):
-        reference = f"#{position + 1}"
-        if type_name == _TIMESTAMPTZ:
-            # The Python client needs pytz to hand out TIMESTAMPTZ values; UTC wall-clock values avoid it.
-            expressions.append(f"{reference} AT TIME ZONE 'UTC'")
-            utc_positions.append(position)
-        elif _TIMESTAMPTZ in type_name:
-            expressions.append(f"CAST({reference} AS VARCHAR)")
-        else:
-            expressions.append(reference)
-    if utc_positions or any(_TIMESTAMPTZ in type_name for type_name in types):
-        relation = relation.project(", ".join(expressions))
-    if max_rows is None:
-        rows = relation.fetchall()
-        truncated = False
-    else:
-        rows = relation.fetchmany(max_rows + 1)
-        truncated = len(rows) > max_rows
-        rows = rows[:max_rows]
-    if utc_positions:
-        rows = [_mark_utc(row, utc_positions) for row in rows]
-    return QueryResult(columns=columns, rows=rows, types=types, truncated=truncated)
-
-
-def _mark_utc(row: tuple[object, ...], positions: list[int]) -> tuple[object, ...]:
-    """Return `row` with the naive UTC datetimes at `positions` made timezone-aware."""
-    values = list(row)
-    for position in positions:
-        value = values[position]
-        if isinstance(value, dt.datetime):
-            values[position] = value.replace(tzinfo=dt.UTC)
-    return tuple(values)
-
-
 def _with_utc(row: tuple[object, ...]) -> tuple[object, ...]:
     """Return a row selected with epoch microseconds, its timestamps as aware UTC datetimes."""
     return tuple(
-        _from_epoch_us(value) if name in TIMESTAMP_COLUMNS and isinstance(value, int) else value
+        from_epoch_us_required(value) if name in TIMESTAMP_COLUMNS and isinstance(value, int) else value
         for name, value in zip(NEWS_COLUMN_NAMES, row, strict=True)
     )
-
-
-def _from_epoch_us(micros: object) -> dt.datetime:
-    """Return an aware UTC datetime from epoch microseconds."""
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=int(micros))  # type: ignore[call-overload]
 
 
 def _first(found: list[tuple[Any, ...]]) -> int:
