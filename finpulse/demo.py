@@ -61,14 +61,7 @@ class DemoSummary:
 
 def demo_topics(run_id: str) -> TopicNames:
     """Return the run's own topics, so a demo never mixes with an earlier one."""
-    prefix = f"demo.{run_id}."
-    return TopicNames(
-        raw=prefix + "news.raw",
-        scored=prefix + "news.scored",
-        labels=prefix + "news.labels",
-        dlq=prefix + "news.dlq",
-        updates=prefix + "model.updates",
-    )
+    return TopicNames.prefixed(f"demo.{run_id}.")
 
 
 def run_demo(

@@ -753,14 +753,7 @@ def registry_problems(adapters_dir: Path, db: Path, labels: int) -> list[str]:
 
 def scenario_topics(run_id: str, scenario: str) -> TopicNames:
     """Return the topics of one scenario of one run."""
-    prefix = f"faults.{run_id}.{scenario}."
-    return TopicNames(
-        raw=prefix + "news.raw",
-        scored=prefix + "news.scored",
-        labels=prefix + "news.labels",
-        dlq=prefix + "news.dlq",
-        updates=prefix + "model.updates",
-    )
+    return TopicNames.prefixed(f"faults.{run_id}.{scenario}.")
 
 
 class _Run:

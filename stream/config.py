@@ -33,6 +33,11 @@ class TopicNames(BaseModel):
     dlq: str = Field("news.dlq", min_length=1, description="Invalid input, with the reason.")
     updates: str = Field("model.updates", min_length=1, description="New champion adapter versions.")
 
+    @classmethod
+    def prefixed(cls, prefix: str) -> TopicNames:
+        """Return the default names under `prefix`: one run's own topics (demo, benchmarks, tests)."""
+        return cls(**{name: prefix + str(field.default) for name, field in cls.model_fields.items()})
+
 
 class KafkaConfig(BaseModel):
     """Which cluster to use; an empty `bootstrap_servers` means the local broker finpulse runs itself."""
