@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer
@@ -28,13 +28,17 @@ from finpulse.config import AppConfig
 from finpulse.replay import ReplayProducer, labelled_stream, news_messages
 from finpulse.runtime import connect
 from learner.adapters import AdapterStore
-from learner.model import Classifier, Prediction, TaskModel
+from learner.labels import Task, labels_of
+from learner.model import Classifier, Prediction, load_merged, module_dtype, set_compute_threads
 from monitor.metrics import ScorerMetrics
 from storage import History, StorageConfig
 from stream.admin import delete_topics, ensure_topics
 from stream.messages import NewsItem, parse_news
 from stream.scorer import Scorer
 from stream.sinks import Scored, news_row, scored_value
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class PipelineBaseline:
 
     def __init__(
         self,
-        models: dict[str, TaskModel],
+        models: dict[str, PreTrainedModel],
         classifier: Classifier,
         bootstrap: str,
         topic: str,
@@ -71,7 +75,7 @@ class PipelineBaseline:
         self.pipes = {
             task: pipeline(
                 "text-classification",
-                model=model.module,
+                model=model,
                 tokenizer=classifier.tokenizer,
                 device=device,
                 truncation=True,
@@ -80,6 +84,7 @@ class PipelineBaseline:
             for task, model in models.items()
         }
         self.models = models
+        self.versions = classifier.versions
         self.first_record_at: float | None = None
         self.last_batch_at: float | None = None
         self.history = history
@@ -91,11 +96,13 @@ class PipelineBaseline:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=max_batch,
+            # Set like the scorer's: a first batch of per-message calls on a loaded CPU outlasts the 300 s default.
+            max_poll_interval_ms=600_000,
         )
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
 
     def _label(self, task: str, output: dict[str, Any]) -> tuple[str, float]:
-        labels = self.models[task].labels
+        labels = labels_of(cast(Task, task))
         raw = str(output["label"])
         # Pipelines name classes LABEL_k unless the config carries names.
         index = int(raw.rsplit("_", 1)[-1]) if raw.startswith("LABEL_") else labels.index(raw)
@@ -128,8 +135,8 @@ class PipelineBaseline:
                     scores,
                     topic,
                     t_conf,
-                    self.models["sentiment"].version,
-                    self.models["topic"].version,
+                    self.versions["sentiment"],
+                    self.versions["topic"],
                 )
                 scored = Scored(record, item, prediction, now)
                 futures.append(self.producer.send(self.scored_topic, key=item.id.encode(), value=scored_value(scored)))
@@ -164,6 +171,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         raise producer.error
 
     console.print(f"bench: {len(items)} messages on {raw}; loading the model…")
+    set_compute_threads(config.scorer.threads)
     classifier = Classifier.from_store(config.model, config.scorer.device)
     _warm_up(classifier, [li.item.text for li in items[:64]])
     results: list[RunResult] = []
@@ -173,7 +181,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
     store = AdapterStore(config.model.adapters_dir)
     fp32 = config.model.model_copy(update={"inference_dtype": "float32"})
     naive_models = {
-        task: TaskModel.load(store, task, model.version, fp32, classifier.device)
+        task: load_merged(store, task, model.version, fp32).to(classifier.device)
         for task, model in classifier.models.items()
     }
     base_history = History(StorageConfig(duckdb_path=workdir / f"bench-{run_id}-baseline.duckdb"))
@@ -195,13 +203,17 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
     topics = config.kafka.topics.model_copy(update={"raw": raw, "scored": scored, "dlq": f"bench.{run_id}.news.dlq"})
     scorer_config = config.scorer.model_copy(update={"group_id": f"bench-finpulse-{run_id}"})
     scorer = Scorer(cluster.bootstrap_servers, topics, scorer_config, classifier, fp_history, ScorerMetrics())
+    scorer_batch = scorer.inference_batch
     console.print("bench: finpulse scorer…")
     stats = scorer.run(threading.Event(), until=lambda s: s.consumed >= len(items))
     results.append(
         RunResult("finpulse", stats.consumed, _span(stats.first_record_at, stats.last_batch_at), stats.scored)
     )
+    stages = _stage_seconds(scorer, results[-1].seconds)
     scorer.close()
     delete_topics(cluster.bootstrap_servers, [raw, scored, topics.dlq])
+    console.print("bench: model ceiling (the same engine on pre-tokenised batches)…")
+    ceiling = model_ceiling(classifier, [li.item.text for li in items], config.scorer.max_batch, scorer_batch)
 
     by_name = {r.name: r for r in results}
     base, fp = by_name["baseline"], by_name["finpulse"]
@@ -212,17 +224,52 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         "baseline_per_s": round(base.per_s, 1),
         "finpulse_per_s": round(fp.per_s, 1),
         "ratio": round(fp.per_s / base.per_s, 2) if base.per_s else None,
+        "model_ceiling_per_s": round(ceiling["per_s"], 1),
+        "ceiling_fraction": round(fp.per_s / ceiling["per_s"], 3) if ceiling["per_s"] else None,
+        "stages": stages,
+        "tokenise_share_of_model": ceiling["tokenise_share"],
+        "shared_layers": classifier.shared_layers,
         "baseline_s": round(base.seconds, 2),
         "finpulse_s": round(fp.seconds, 2),
         "rows": {"baseline": base.rows, "finpulse": fp.rows},
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "dtype": str(next(classifier.models["sentiment"].module.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(module_dtype(classifier.models["sentiment"])).replace("torch.", ""),
         "baseline_dtype": "float32",
         "threads": torch.get_num_threads(),
+        "inference_batch": scorer_batch,
         "max_batch": config.scorer.max_batch,
         "host": platform.node(),
         "torch": torch.__version__,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _stage_seconds(scorer: Scorer, span_s: float) -> dict[str, float]:
+    """Return the share of the finpulse run each stage took; `consume` is the time outside every batch."""
+    registry = scorer.metrics.registry
+    names = ["dedupe", "model", *[sink.name for sink in scorer.sinks], "dlq", "commit"]
+    seconds = {name: registry.get_sample_value("finpulse_batch_seconds_sum", {"stage": name}) or 0.0 for name in names}
+    total = registry.get_sample_value("finpulse_batch_seconds_sum", {"stage": "total"}) or 0.0
+    seconds["other"] = max(0.0, total - sum(seconds.values()))  # parsing, accounting
+    seconds["consume"] = max(0.0, span_s - total)
+    whole = sum(seconds.values()) or 1.0
+    return {name: round(value / whole, 4) for name, value in seconds.items()}
+
+
+def model_ceiling(classifier: Classifier, texts: Sequence[str], max_batch: int, batch_size: int) -> dict[str, float]:
+    """Time the scorer's engine alone on the same texts, tokenised beforehand and grouped as the scorer gets them."""
+    started = time.perf_counter()
+    encoded = classifier.encode(texts)
+    tokenise_s = time.perf_counter() - started
+    best = float("inf")
+    for _ in range(2):  # the better of two: the first may still pay for allocations
+        started = time.perf_counter()
+        for begin in range(0, len(encoded), max_batch):
+            classifier.probabilities(encoded[begin : begin + max_batch], batch_size)
+        best = min(best, time.perf_counter() - started)
+    return {
+        "per_s": len(texts) / best if best > 0 else 0.0,
+        "tokenise_share": round(tokenise_s / (tokenise_s + best), 4) if best > 0 else 0.0,
     }
 
 

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from finpulse.config import AppConfig
 from learner.adapters import AdapterStore
 from learner.config import ContinualConfig, ModelConfig
+from learner.domains import DomainTable
 from learner.experience import bootstrap_slices, split_holdout, trigger
 from learner.gate import Decision, decide
 from learner.labels import TASKS, Task
@@ -37,7 +38,7 @@ from learner.registry import Registry
 from learner.trainer import Candidate, ExperienceSlices, train_candidate
 from monitor.metrics import ModelVersionCollector
 from storage import History
-from storage.labels import Experience, LabelStore
+from storage.labels import Experience, LabelRow, LabelStore
 from storage.models import ModelVersionStore
 from stream.labels import DEFAULT_MAX_POLL_INTERVAL_MS, LabelConsumer
 from stream.updates import UpdatePublisher
@@ -145,6 +146,7 @@ class Learner:
         self.labels = LabelStore(self.history)
         self.versions = ModelVersionStore(self.history)
         self.adapters = AdapterStore(config.model.adapters_dir)
+        self.domains = DomainTable(config.model.domains)
         kafka = config.kafka.model_copy(update={"bootstrap_servers": bootstrap_servers})
         self.publisher = UpdatePublisher(kafka)
         self.registry = Registry(self.adapters, self.versions, self.publisher.publish)
@@ -213,8 +215,7 @@ class Learner:
             for experience in self.labels.experiences(task, status="open"):
                 done.append(self._train(task, experience))
             self.metrics.pending.labels(task=task).set(self.labels.pending_count(task))
-            formed = self._form(task, now)
-            if formed is not None:
+            for formed in self._form(task, now):
                 done.append(self._train(task, formed))
                 self.metrics.pending.labels(task=task).set(self.labels.pending_count(task))
         return done
@@ -245,35 +246,57 @@ class Learner:
                 self._retries[task] = _Retry()
         return done
 
-    def _form(self, task: Task, now: bool) -> Experience | None:
+    def _form(self, task: Task, now: bool) -> list[Experience]:
+        """Form an experience of each domain whose waiting labels fired the trigger."""
         cfg = self.config.learner
         count = self.labels.pending_count(task)
         if count < cfg.min_labels:
-            return None  # the common idle case: spare the second read of the file every poll
-        fired = trigger(count, self.labels.oldest_pending(task), datetime.now(UTC), cfg, manual=now)
-        if fired is None:
-            return None
-        rows = [(r.id, r.text, r.label(task) or "") for r in self.labels.pending(task)]
-        existing = len(self.labels.experiences(task))
-        train, holdout = split_holdout(rows, cfg.holdout_fraction, cfg.seed + existing)
-        experience = self.labels.create_experience(task, train, holdout)
-        log.info(
-            "event=experience_formed task=%s experience=%d train=%d holdout=%d trigger=%s",
-            task, experience.id, len(train), len(holdout), fired,
-        )  # fmt: skip
-        return experience
+            return []  # the common idle case: spare the second read of the file every poll
+        by_domain: dict[str, list[LabelRow]] = {}
+        rows = self.labels.pending(task)
+        for row, domain in zip(rows, self._domains(rows), strict=True):
+            by_domain.setdefault(domain, []).append(row)
+        formed: list[Experience] = []
+        for domain, group in sorted(by_domain.items()):
+            if len(group) < cfg.min_labels:
+                continue
+            oldest = min(r.labelled_at for r in group)
+            fired = trigger(len(group), oldest, datetime.now(UTC), cfg, manual=now)
+            if fired is None:
+                continue
+            pairs = [(r.id, r.text, r.label(task) or "") for r in group]
+            existing = len(self.labels.experiences(task))
+            train, holdout = split_holdout(pairs, cfg.holdout_fraction, cfg.seed + existing)
+            experience = self.labels.create_experience(task, train, holdout, domain=domain)
+            log.info(
+                "event=experience_formed task=%s domain=%s experience=%d train=%d holdout=%d trigger=%s",
+                task, domain, experience.id, len(train), len(holdout), fired,
+            )  # fmt: skip
+            formed.append(experience)
+        return formed
+
+    def _domains(self, rows: Sequence[LabelRow]) -> list[str]:
+        """Return the domain of each label: the one it names, else that of the news it labels (by its source)."""
+        unnamed = [r.id for r in rows if not r.domain]
+        sources = {news.id: news.source for news in self.history.fetch(unnamed)} if unnamed else {}
+        return [r.domain or self.domains.domain_of(sources.get(r.id)) for r in rows]
 
     def _train(self, task: Task, experience: Experience) -> Outcome:
         cfg = self.config.learner
-        champion = self.adapters.champion(task)
+        domain = experience.domain
+        # A domain without its own champion is served the default one: its first candidate starts from it.
+        champion = self.adapters.domain_champions(task).get(domain) or self.adapters.champion(task)
         slices = self._slices(experience)
+        # Only this domain's earlier experiences judge it: promoting for a domain changes no other domain.
         earlier = [
-            self._slices(e) for e in self.labels.experiences(task) if e.id != experience.id and e.status == "trained"
+            self._slices(e)
+            for e in self.labels.experiences(task)
+            if e.id != experience.id and e.status == "trained" and e.domain == domain
         ]
         seed_memory: list[tuple[str, str]] = []
         if earlier and earlier[0].id == self.labels.experiences(task)[0].id:
             seed_memory = [(t, y) for t, y in self.labels.examples(earlier[0].id, "train")]
-        log.info("event=training task=%s experience=%d champion=%s", task, experience.id, champion)
+        log.info("event=training task=%s domain=%s experience=%d champion=%s", task, domain, experience.id, champion)
         candidate = self.train(
             task,
             self.adapters,
@@ -291,13 +314,13 @@ class Learner:
         metrics = {**candidate.metrics, "gate": decision.reason}
         self.registry.add_candidate(task, candidate.version, champion, experience, metrics)
         if decision.promote:
-            self.registry.promote(task, candidate.version, decision.reason)
+            self.registry.promote(task, candidate.version, decision.reason, domain=domain)
         else:
             self.registry.reject(task, candidate.version, decision.reason)
         self.labels.mark_trained(experience.id, candidate.version)
         log.info(
-            "event=%s task=%s version=%s reason=%r",
-            "promoted" if decision.promote else "rejected", task, candidate.version, decision.reason,
+            "event=%s task=%s domain=%s version=%s reason=%r",
+            "promoted" if decision.promote else "rejected", task, domain, candidate.version, decision.reason,
         )  # fmt: skip
         outcome = Outcome(task, experience.id, candidate.version, decision.promote, decision.reason, candidate)
         self.outcomes.append(outcome)
@@ -308,6 +331,7 @@ class Learner:
             experience.id,
             self.labels.examples(experience.id, "train"),
             self.labels.examples(experience.id, "holdout"),
+            experience.domain,
         )
 
     def run(

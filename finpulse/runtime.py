@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from finpulse.config import AppConfig
-from learner.model import Classifier
+from learner.model import Classifier, set_compute_threads
 from monitor.metrics import MetricsServer, ScorerMetrics
 from storage import History
 from stream.admin import ensure_topics, require_broker
@@ -81,6 +81,7 @@ def build_scorer(
     config: AppConfig, cluster: Cluster, serve_metrics: bool = True
 ) -> tuple[Scorer, MetricsServer | None]:
     """Load the champion adapters and build a scorer (and its /metrics server)."""
+    set_compute_threads(config.scorer.threads)
     classifier = Classifier.from_store(config.model, config.scorer.device)
     metrics = ScorerMetrics()
     server = MetricsServer(metrics.registry, config.metrics) if serve_metrics else None

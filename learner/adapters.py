@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from learner import model_card
+from learner.domains import DEFAULT_DOMAIN, check_domain
 from learner.encoder import base_model_path
 from learner.errors import ModelLoadError
 from learner.labels import TASKS, Task, labels_of
@@ -49,6 +50,7 @@ class ModelCard:
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    domain: str = DEFAULT_DOMAIN  # the domain whose labels it learnt last (the default: the shipped data)
 
     def to_json(self) -> str:
         """Serialise to indented JSON."""
@@ -155,12 +157,16 @@ class AdapterStore:
         number = _version_number(existing[-1]) + 1 if existing else 1
         return f"{task}-v{number}"
 
-    def champion(self, task: Task) -> str:
-        """Return the champion version of a task, or raise if there is none."""
-        pointer = self.root / task / CHAMPION_FILE
+    def champion(self, task: Task, domain: str = DEFAULT_DOMAIN) -> str:
+        """Return the champion version of a task in a domain, or raise if there is none."""
+        pointer = self._pointer(task, domain)
         try:
             version = pointer.read_text(encoding="utf-8").strip()
         except FileNotFoundError as e:
+            if domain != DEFAULT_DOMAIN:
+                raise ModelLoadError(
+                    f"no {task} champion for domain {domain!r}: it is served the default domain's"
+                ) from e
             raise ModelLoadError(
                 f"no {task} adapter in {self.root}: run `finpulse bootstrap` to train the first versions"
             ) from e
@@ -168,16 +174,45 @@ class AdapterStore:
             raise ModelLoadError(f"{pointer} names {version!r}, which is not an adapter in {self.root / task}")
         return version
 
-    def set_champion(self, task: Task, version: str) -> None:
-        """Point the champion of a task at `version`, atomically (a crash leaves the old or the new one)."""
+    def domain_champions(self, task: Task) -> dict[str, str]:
+        """Return the champion of a task in every domain that has its own, the default domain included."""
+        out = {DEFAULT_DOMAIN: self.champion(task)}
+        task_dir = self.root / task
+        for pointer in sorted(task_dir.glob(f"{CHAMPION_FILE}.*")):
+            domain = pointer.name[len(CHAMPION_FILE) + 1 :]
+            if domain in (DEFAULT_DOMAIN, "tmp"):  # CHAMPION.tmp: what an older finpulse's crash left
+                continue
+            try:
+                out[check_domain(domain)] = self.champion(task, domain)
+            except ValueError as e:
+                raise ModelLoadError(f"{pointer} is not a champion pointer: {e}") from e
+        return out
+
+    def set_champion(self, task: Task, version: str, domain: str = DEFAULT_DOMAIN) -> None:
+        """Point the champion of a task in a domain at `version`, atomically (a crash leaves the old or the new)."""
         if not (self.version_dir(task, version) / "adapter_config.json").is_file():
             raise ModelLoadError(f"cannot promote {version!r}: no adapter at {self.version_dir(task, version)}")
-        pointer = self.root / task / CHAMPION_FILE
-        tmp = pointer.with_suffix(".tmp")
+        pointer = self._pointer(task, domain)
+        tmp = pointer.with_name(f".{pointer.name}.tmp")  # hidden: never taken for a domain's pointer
         tmp.write_text(version + "\n", encoding="utf-8")
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, pointer)
+
+    def clear_champion(self, task: Task, domain: str) -> None:
+        """Remove a domain's own champion, so it is served the default domain's again."""
+        if domain == DEFAULT_DOMAIN:
+            raise ModelLoadError("the default domain always has a champion; promote or roll back instead")
+        self._pointer(task, domain).unlink(missing_ok=True)
+        _fsync_dir(self.root / task)
+
+    def _pointer(self, task: Task, domain: str) -> Path:
+        if domain == DEFAULT_DOMAIN:
+            return self.root / task / CHAMPION_FILE
+        try:
+            return self.root / task / f"{CHAMPION_FILE}.{check_domain(domain)}"
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from e
 
     def card(self, task: Task, version: str) -> ModelCard:
         """Read the model card of a version."""

@@ -17,11 +17,30 @@ class SliceScore:
     n: int
     champion: float
     candidate: float
+    # Paired counts: labels only the champion gets right (lost) and only the candidate does (gained). None when
+    # unknown (then the unpaired bound applies).
+    lost: int | None = None
+    gained: int | None = None
 
     @property
     def delta(self) -> float:
         """Candidate minus champion accuracy."""
         return self.candidate - self.champion
+
+    @property
+    def standard_error(self) -> float:
+        """The standard error of `delta`.
+
+        Both models answer the same labels, so only the labels where they disagree carry noise (a paired
+        test, as McNemar's): se = sqrt(b + c - (c - b)^2 / n) / n with b lost, c gained. Without the counts,
+        the unpaired sqrt(2 p (1 - p) / n) is used: larger, since the models agree on most labels.
+        """
+        n = max(1, self.n)
+        if self.lost is not None and self.gained is not None:
+            b, c = self.lost, self.gained
+            return math.sqrt(max(b + c - (c - b) ** 2 / n, 1.0)) / n  # at least one disagreement's worth
+        p = min(max((self.champion + self.candidate) / 2, 0.05), 0.95)
+        return math.sqrt(2 * p * (1 - p) / n)
 
 
 @dataclass(frozen=True)
@@ -32,18 +51,21 @@ class Decision:
     reason: str
 
 
-def decide(new: SliceScore, earlier: Sequence[SliceScore], min_gain: float, max_forgetting: float) -> Decision:
-    """Promote only if the candidate gains at least `min_gain` on the new slice and loses at most
-    `max_forgetting` on every earlier one.
+# One-sided 95%: a gain must be this many standard errors above 0, a loss this many beyond the allowance.
+Z: float = 1.645
 
-    The gain must also clear the noise of a slice that size: one standard error of the difference of two
-    accuracies on the same n examples, sqrt(2 p (1 - p) / n). With 40 held-out labels at 80% that is 9 points,
-    so a small experience cannot promote a version on luck; this is what keeps a noisy experience (30% flipped
-    labels) from promoting a model that is no better.
+
+def decide(new: SliceScore, earlier: Sequence[SliceScore], min_gain: float, max_forgetting: float) -> Decision:
+    """Promote only if the candidate is better on the new slice and worse on no earlier one, both with 95%
+    one-sided confidence from a paired test on the held-out labels.
+
+    Better: the gain is at least `min_gain` and significantly above 0 (gain - Z se > 0): with 40 held-out
+    labels a lucky 4 points cannot promote a version (this keeps an experience with 30% flipped labels from
+    promoting a model that is no better). Worse: an earlier slice's loss is significantly beyond
+    `max_forgetting` (loss - Z se > max_forgetting). A drop within the slice's noise is not called
+    forgetting: on a 400-label slice where the two versions disagree on 40 labels, se is 1.6 points.
     """
-    p = min(max((new.champion + new.candidate) / 2, 0.05), 0.95)
-    noise = math.sqrt(2 * p * (1 - p) / max(1, new.n))
-    needed = max(min_gain, noise)
+    needed = max(min_gain, Z * new.standard_error)
     # Accuracies are fractions of counts: compare with a tolerance, or 0.87 - 0.86 > 0.01 in floating point.
     if new.delta < needed - _EPS:
         return Decision(
@@ -52,11 +74,12 @@ def decide(new: SliceScore, earlier: Sequence[SliceScore], min_gain: float, max_
             f"({_pts(new.delta)}; needs {_pts(needed)} on {new.n} held-out labels)",
         )
     for s in earlier:
-        if -s.delta > max_forgetting + _EPS:
+        if -s.delta - Z * s.standard_error > max_forgetting + _EPS:
             return Decision(
                 False,
                 f"forgets experience {s.experience_id}: {s.candidate:.3f} vs champion {s.champion:.3f} "
-                f"({_pts(s.delta)}; at most -{max_forgetting * 100:.1f} pts allowed)",
+                f"({_pts(s.delta)} ± {s.standard_error * 100:.1f}; at most -{max_forgetting * 100:.1f} pts "
+                "beyond the noise allowed)",
             )
     worst = min((s.delta for s in earlier), default=0.0)
     return Decision(

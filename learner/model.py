@@ -1,18 +1,31 @@
-"""The scoring model: one encoder per task with its LoRA adapter merged in, sharing one tokenizer."""
+"""The scoring model: one pass of the shared lower layers, then each task's adapted top layers and head.
+
+Adapters carry LoRA weights only in the top layers of the encoder (`shared_layers` below them stay the base
+model's), so every task reads the same lower-layer hidden states: the `Trunk` runs the embeddings and those
+layers once per batch, and each `TaskModel` holds only its own merged top layers, pooler and head. On this
+2-core CPU the two tasks then cost 4 + 2 + 2 layer passes where two whole encoders cost 12. An adapter with
+LoRA in lower layers too (the first shipped versions) still serves correctly: it starts at its first adapted
+layer and runs the base layers between the trunk's stop and there itself.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from learner.adapters import AdapterStore
+from learner.adapters import ADAPTER_CONFIG_FILE, CARD_FILE, AdapterStore
 from learner.config import ModelConfig
+from learner.domains import DEFAULT_DOMAIN
 from learner.encoder import load_classifier_base, load_tokenizer
 from learner.errors import ModelLoadError
 from learner.labels import TASKS, Task, labels_of
@@ -69,109 +82,285 @@ def inference_dtype(device: torch.device, setting: str = "auto") -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-class TaskModel:
-    """One immutable adapter version of one task, merged into a private copy of the encoder."""
+def set_compute_threads(setting: int = 0) -> int:
+    """Set torch's compute threads: `setting`, or with 0 the cores this process may run on. Return the count."""
+    if setting <= 0:
+        try:
+            setting = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            setting = os.cpu_count() or 1
+    torch.set_num_threads(setting)
+    return setting
 
-    def __init__(self, task: Task, version: str, module: PreTrainedModel, device: torch.device) -> None:
+
+def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return BERT's additive attention mask: 0 where attended, a large negative number on padding."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def first_adapted_layer(adapter_dir: Path, layer_names: Sequence[Sequence[str]]) -> int:
+    """Return the lowest encoder layer an adapter changes (its LoRA targets), reading its adapter_config.json.
+
+    `layer_names[i]` lists the module names of layer i as peft sees them (`bert.encoder.layer.i.…`). peft
+    matches a string target as a regex over the whole name, a list of targets by suffix, optionally only in
+    `layers_to_transform`.
+    """
+    try:
+        raw = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {adapter_dir / ADAPTER_CONFIG_FILE}: {e}") from e
+    targets = raw.get("target_modules")
+    only = raw.get("layers_to_transform")
+    for index, names in enumerate(layer_names):
+        if only is not None and index not in ([only] if isinstance(only, int) else only):
+            continue
+        if isinstance(targets, str):
+            pattern = re.compile(targets)
+            if any(pattern.fullmatch(name) for name in names):
+                return index
+        elif targets and any(name == t or name.endswith(f".{t}") for name in names for t in targets):
+            return index
+    return len(layer_names)
+
+
+def read_temperature(adapter_dir: Path) -> float:
+    """Return the calibration temperature recorded in a version's model card (1.0 when it has none)."""
+    try:
+        card = json.loads((adapter_dir / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return 1.0
+    value = (card.get("metrics") or {}).get("calibration", {}).get("temperature", 1.0)
+    return float(value) if isinstance(value, int | float) and value > 0 else 1.0
+
+
+def load_merged(store: AdapterStore, task: Task, version: str, config: ModelConfig) -> PreTrainedModel:
+    """Load an adapter version in peft format onto a fresh base and merge it (float32, on the CPU)."""
+    from peft import PeftModel
+
+    path = store.version_dir(task, version)
+    base = load_classifier_base(len(labels_of(task)), config.base_model)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(path))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load adapter {version} from {path}: {e}") from e
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return merged
+
+
+class Trunk(nn.Module):
+    """The base encoder's embeddings and layers, shared by every task: each batch runs them once."""
+
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+        super().__init__()
+        bert = load_classifier_base(2, config.base_model).bert
+        self.embeddings = bert.embeddings
+        self.layers = bert.encoder.layer
+        self.eval()
+        self.to(device=device, dtype=inference_dtype(device, config.inference_dtype))
+        self.device = device
+        self.dtype = inference_dtype(device, config.inference_dtype)
+        self.layer_names = [
+            [f"bert.encoder.layer.{i}.{name}" for name, _ in layer.named_modules() if name]
+            for i, layer in enumerate(self.layers)
+        ]
+
+    @torch.inference_mode()
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: Sequence[int]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Run the base layers up to the highest of `stops`; return the hidden states at each stop and the mask."""
+        extended = extended_mask(attention_mask, self.dtype)
+        hidden = self.embeddings(input_ids=input_ids)
+        wanted = sorted(set(stops))
+        out: dict[int, torch.Tensor] = {}
+        for index in range(wanted[-1] + 1):
+            if index in wanted:
+                out[index] = hidden
+            if index < wanted[-1]:
+                hidden = self.layers[index](hidden, attention_mask=extended)[0]
+        return out, extended
+
+
+class TaskModel:
+    """One immutable adapter version of one task: its merged top layers, pooler and head, and its temperature."""
+
+    def __init__(
+        self,
+        task: Task,
+        version: str,
+        start: int,
+        layers: nn.ModuleList,
+        pooler: nn.Module,
+        classifier: nn.Module,
+        device: torch.device,
+        temperature: float = 1.0,
+    ) -> None:
         self.task = task
         self.version = version
         self.labels = labels_of(task)
-        self.module = module
+        self.start = start  # the first encoder layer this version holds; the trunk supplies its input
+        self.layers = layers
+        self.pooler = pooler
+        self.classifier = classifier
         self.device = device
+        self.temperature = temperature
 
     @classmethod
-    def load(
-        cls, store: AdapterStore, task: Task, version: str, config: ModelConfig, device: torch.device
-    ) -> TaskModel:
-        """Load an adapter version in peft format and merge it, so inference pays nothing for LoRA."""
-        from peft import PeftModel
-
+    def load(cls, store: AdapterStore, task: Task, version: str, config: ModelConfig, trunk: Trunk) -> TaskModel:
+        """Load an adapter version, merge it, and keep only what differs from the base (the adapted layers on)."""
         path = store.version_dir(task, version)
-        base = load_classifier_base(len(labels_of(task)), config.base_model)
-        try:
-            peft_model = PeftModel.from_pretrained(base, str(path))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"cannot load adapter {version} from {path}: {e}") from e
-        merged = peft_model.merge_and_unload()
-        merged.eval()
-        merged.to(device=device, dtype=inference_dtype(device, config.inference_dtype))
-        return cls(task, version, merged, device)
+        start = first_adapted_layer(path, trunk.layer_names)
+        merged = load_merged(store, task, version, config)
+        layers = nn.ModuleList(list(merged.bert.encoder.layer[start:]))
+        parts = nn.ModuleList([layers, merged.bert.pooler, merged.classifier])
+        parts.to(device=trunk.device, dtype=trunk.dtype)
+        parts.eval()
+        return cls(
+            task, version, start, layers, merged.bert.pooler, merged.classifier, trunk.device, read_temperature(path)
+        )
 
     @torch.inference_mode()
-    def probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Return class probabilities (float32, on the CPU) for one padded batch."""
-        logits = self.module(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.softmax(logits.float(), dim=-1).cpu()
+    def logits(self, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
+        """Return the logits of a batch from the hidden states at layer `start`."""
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=extended)[0]
+        return self.classifier(self.pooler(hidden))
+
+    def probabilities(self, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
+        """Return calibrated class probabilities (float32, on the CPU)."""
+        logits = self.logits(hidden, extended).float()
+        return torch.softmax(logits / self.temperature, dim=-1).cpu()
 
 
 class Classifier:
-    """Score texts for sentiment and topic; a task's model can be swapped between batches."""
+    """Score texts for sentiment and topic, each text with its domain's models; models swap between batches.
+
+    Every task has a model for the default domain; a domain with its own champion of a task gets that one, any
+    other domain the default's. Both tasks and all domains read one pass of the shared trunk.
+    """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerFast,
+        trunk: Trunk,
         models: dict[Task, TaskModel],
         max_length: int,
-        device: torch.device,
     ) -> None:
         missing = [task for task in TASKS if task not in models]
         if missing:
             raise ModelLoadError(f"a classifier needs a model for every task; missing {missing}")
         self.tokenizer = tokenizer
+        self.trunk = trunk
         self.max_length = max_length
-        self.device = device
-        self._models = dict(models)
-        # Swaps happen on another thread (update listener); a batch must see one consistent pair.
+        self.device = trunk.device
+        self._served: dict[Task, dict[str, TaskModel]] = {task: {DEFAULT_DOMAIN: models[task]} for task in TASKS}
+        # Swaps happen on another thread (update listener); a batch must see one consistent set.
         self._lock = threading.Lock()
 
     @classmethod
     def from_store(cls, config: ModelConfig, device_spec: str = "auto") -> Classifier:
-        """Load the champion adapter of every task."""
-        device = resolve_device(device_spec)
+        """Load the champion adapter of every task in every domain that has one."""
+        trunk = Trunk(config, resolve_device(device_spec))
         store = AdapterStore(config.adapters_dir)
         champions = store.champions()
-        models = {task: TaskModel.load(store, task, champions[task], config, device) for task in TASKS}
-        return cls(load_tokenizer(config.base_model), models, config.max_length, device)
+        models = {task: TaskModel.load(store, task, champions[task], config, trunk) for task in TASKS}
+        classifier = cls(load_tokenizer(config.base_model), trunk, models, config.max_length)
+        for task in TASKS:
+            for domain, version in store.domain_champions(task).items():
+                if domain != DEFAULT_DOMAIN:
+                    classifier.swap(classifier.load(store, task, version, config), domain)
+        return classifier
+
+    def load(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> TaskModel:
+        """Load a version of a task onto this classifier's trunk (not serving it yet: see `swap`)."""
+        return TaskModel.load(store, task, version, config, self.trunk)
 
     @property
     def versions(self) -> dict[str, str]:
-        """Return the adapter version serving each task."""
+        """Return the adapter version serving each task in the default domain."""
         with self._lock:
-            return {task: model.version for task, model in self._models.items()}
+            return {task: served[DEFAULT_DOMAIN].version for task, served in self._served.items()}
+
+    def domain_versions(self, task: Task) -> dict[str, str]:
+        """Return the version serving a task in each domain that has its own (the default domain included)."""
+        with self._lock:
+            return {domain: model.version for domain, model in self._served[task].items()}
 
     @property
     def models(self) -> dict[Task, TaskModel]:
-        """Return the model serving each task."""
+        """Return the model serving each task in the default domain."""
         with self._lock:
-            return dict(self._models)
+            return {task: served[DEFAULT_DOMAIN] for task, served in self._served.items()}
 
-    def swap(self, model: TaskModel) -> str:
-        """Replace the model of one task; the next batch uses it. Return the version replaced."""
+    @property
+    def shared_layers(self) -> int:
+        """Return how many encoder layers run once for both tasks and every domain."""
         with self._lock:
-            previous = self._models[model.task].version
-            self._models[model.task] = model
+            return min(model.start for served in self._served.values() for model in served.values())
+
+    def swap(self, model: TaskModel, domain: str = DEFAULT_DOMAIN) -> str | None:
+        """Serve `model` for its task in `domain` from the next batch on. Return the version it replaces there
+        (None: the domain was served the default domain's)."""
+        with self._lock:
+            served = self._served[model.task]
+            previous = served[domain].version if domain in served else None
+            served[domain] = model
         return previous
 
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[Prediction]:
-        """Score texts; batches are length-sorted and padded only to their own longest text."""
-        if not texts:
-            return []
+    def drop(self, task: Task, domain: str) -> str | None:
+        """Serve `domain` the default domain's model of `task` again; return the version it had."""
+        if domain == DEFAULT_DOMAIN:
+            raise ModelLoadError("the default domain always has a model; swap in another one instead")
         with self._lock:
-            models = dict(self._models)
-        encoded = self.tokenizer(
+            model = self._served[task].pop(domain, None)
+        return model.version if model is not None else None
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Tokenize texts without padding (the ids `probabilities` takes)."""
+        encoded: list[list[int]] = self.tokenizer(
             list(texts),
             truncation=True,
             max_length=self.max_length,
             padding=False,
             return_attention_mask=False,
         )["input_ids"]
+        return encoded
+
+    def _snapshot(self) -> dict[Task, dict[str, TaskModel]]:
+        with self._lock:
+            return {task: dict(served) for task, served in self._served.items()}
+
+    def probabilities(
+        self,
+        encoded: Sequence[Sequence[int]],
+        batch_size: int = 64,
+        domains: Sequence[str] | None = None,
+        served: dict[Task, dict[str, TaskModel]] | None = None,
+    ) -> tuple[dict[Task, torch.Tensor], dict[Task, list[str]]]:
+        """Return every task's class probabilities for tokenized texts in their order, and the version behind
+        each row. Batches are length-sorted and padded only to their own longest text; the trunk runs once each.
+        """
+        served = served if served is not None else self._snapshot()
+        n = len(encoded)
+        domains = list(domains) if domains is not None else [DEFAULT_DOMAIN] * n
+        if len(domains) != n:
+            raise ValueError(f"{len(domains)} domains for {n} texts")
+        # Each text's model per task: its domain's own, else the default domain's.
+        chosen = {
+            task: [by_domain.get(d, by_domain[DEFAULT_DOMAIN]) for d in domains] for task, by_domain in served.items()
+        }
+        out = {task: torch.empty(n, len(by_domain[DEFAULT_DOMAIN].labels)) for task, by_domain in served.items()}
+        versions = {task: [model.version for model in models] for task, models in chosen.items()}
+        if n == 0:
+            return out, versions
         # Sorting by length keeps similar lengths together, so padding (wasted compute) stays small.
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-        sentiment_probs = torch.empty(len(texts), len(models["sentiment"].labels))
-        topic_probs = torch.empty(len(texts), len(models["topic"].labels))
+        order = sorted(range(n), key=lambda i: len(encoded[i]))
         pad_id = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        stops = [model.start for by_domain in served.values() for model in by_domain.values()]
+        pinned = self.device.type == "cuda"
+        for begin in range(0, n, batch_size):
+            chunk = order[begin : begin + batch_size]
             width = max(len(encoded[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -179,22 +368,35 @@ class Classifier:
                 seq = encoded[i]
                 ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                 mask[row, : len(seq)] = 1
-            ids = ids.to(self.device, non_blocking=True)
-            mask = mask.to(self.device, non_blocking=True)
-            index = torch.tensor(chunk, dtype=torch.long)
-            sentiment_probs[index] = models["sentiment"].probabilities(ids, mask)
-            topic_probs[index] = models["topic"].probabilities(ids, mask)
-        return self._predictions(sentiment_probs, topic_probs, models)
+            ids = (ids.pin_memory() if pinned else ids).to(self.device, non_blocking=True)
+            mask = (mask.pin_memory() if pinned else mask).to(self.device, non_blocking=True)
+            hidden, extended = self.trunk.hidden_states(ids, mask, stops)
+            for task, models in chosen.items():
+                groups: dict[int, tuple[TaskModel, list[int]]] = {}
+                for row, i in enumerate(chunk):
+                    groups.setdefault(id(models[i]), (models[i], []))[1].append(row)
+                for model, rows in groups.values():
+                    if len(rows) == len(chunk):  # the usual case: one model for the whole chunk, no gather
+                        probs = model.probabilities(hidden[model.start], extended)
+                    else:
+                        picked = torch.tensor(rows, device=self.device)
+                        probs = model.probabilities(hidden[model.start][picked], extended[picked])
+                    out[task][torch.tensor([chunk[r] for r in rows])] = probs
+        return out, versions
 
-    @staticmethod
-    def _predictions(
-        sentiment_probs: torch.Tensor, topic_probs: torch.Tensor, models: dict[Task, TaskModel]
+    def predict(
+        self, texts: Sequence[str], batch_size: int = 64, domains: Sequence[str] | None = None
     ) -> list[Prediction]:
-        s_conf, s_idx = sentiment_probs.max(dim=-1)
-        t_conf, t_idx = topic_probs.max(dim=-1)
-        s_labels, t_labels = models["sentiment"].labels, models["topic"].labels
-        s_version, t_version = models["sentiment"].version, models["topic"].version
-        rows = sentiment_probs.tolist()
+        """Score texts (each in its domain, default: the default domain) with the models serving now."""
+        if not texts:
+            return []
+        served = self._snapshot()
+        probs, versions = self.probabilities(self.encode(texts), batch_size, domains, served)
+        s_labels = served["sentiment"][DEFAULT_DOMAIN].labels
+        t_labels = served["topic"][DEFAULT_DOMAIN].labels
+        s_conf, s_idx = probs["sentiment"].max(dim=-1)
+        t_conf, t_idx = probs["topic"].max(dim=-1)
+        rows = probs["sentiment"].tolist()
         return [
             Prediction(
                 sentiment=s_labels[int(s_idx[i])],
@@ -202,8 +404,14 @@ class Classifier:
                 sentiment_scores=dict(zip(s_labels, rows[i], strict=True)),
                 topic=t_labels[int(t_idx[i])],
                 topic_confidence=float(t_conf[i]),
-                sentiment_version=s_version,
-                topic_version=t_version,
+                sentiment_version=versions["sentiment"][i],
+                topic_version=versions["topic"][i],
             )
             for i in range(len(rows))
         ]
+
+
+def module_dtype(model: TaskModel) -> torch.dtype:
+    """Return the dtype a task model computes in."""
+    parameter: Any = next(model.classifier.parameters())
+    return parameter.dtype

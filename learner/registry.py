@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from learner.adapters import AdapterStore, ModelCard
+from learner.domains import DEFAULT_DOMAIN
 from learner.errors import LearnerError, ModelLoadError
 from learner.labels import TASKS, Task
 from storage.labels import Experience
@@ -124,28 +125,35 @@ class Registry:
         """
         changes: builtins.list[Change] = []
         for task in TASKS:
-            file_champion = self._file_champion(task)
+            pointers = self._file_champions(task)
             known = {row.version: row for row in self.versions.list(task)}
-            recorded = next((row for row in known.values() if row.status == "champion"), None)
             for version in self.adapters.versions(task):
                 if version in known:
                     continue
-                adopt = version == file_champion and recorded is None
-                row = self._row_from_disk(task, version, "champion" if adopt else "retired")
+                domain = next((d for d, v in pointers.items() if v == version), None)
+                recorded = self._recorded(known, domain) if domain is not None else None
+                adopt = domain is not None and recorded is None
+                row = self._row_from_disk(task, version, "champion" if adopt else "retired", domain)
                 self.versions.add(row)
-                if adopt:
-                    recorded = row
-            if file_champion is None or (recorded is not None and recorded.version == file_champion):
-                continue
-            previous = recorded.version if recorded is not None else None
-            # Which change crashed is not recorded anywhere; moving to an older version is taken as a rollback.
-            older = previous is not None and _number(file_champion) < _number(previous)
-            outcome = "rolled_back" if older else "promoted"
-            reason = f"sync: the CHAMPION file names {file_champion}, DuckDB had {previous or 'no champion'}"
-            log.warning("%s champion repaired in DuckDB: %s", task, reason)
-            self.versions.set_champion(task, file_champion, outcome, source, reason)
-            changes.append(self._announce(task, file_champion, outcome, previous))
+                known[version] = row
+            for domain, file_champion in pointers.items():
+                recorded = self._recorded(known, domain)
+                if recorded is not None and recorded.version == file_champion:
+                    continue
+                previous = recorded.version if recorded is not None else None
+                # Which change crashed is not recorded anywhere; moving to an older version is taken as a rollback.
+                older = previous is not None and _number(file_champion) < _number(previous)
+                outcome = "rolled_back" if older else "promoted"
+                pointer = "CHAMPION file" if domain == DEFAULT_DOMAIN else f"CHAMPION file of domain {domain}"
+                reason = f"sync: the {pointer} names {file_champion}, DuckDB had {previous or 'no champion'}"
+                log.warning("%s champion repaired in DuckDB: %s", task, reason)
+                self.versions.set_champion(task, file_champion, outcome, source, reason, domain=domain)
+                changes.append(self._announce(task, file_champion, outcome, previous))
         return changes
+
+    @staticmethod
+    def _recorded(known: dict[str, VersionRow], domain: str) -> VersionRow | None:
+        return next((r for r in known.values() if r.status == "champion" and r.domain == domain), None)
 
     def add_candidate(
         self,
@@ -174,6 +182,7 @@ class Registry:
             metrics=metrics,
             status="candidate",
             status_at=now,
+            domain=experience.domain if experience is not None else DEFAULT_DOMAIN,
         )
         if not self.versions.add(row):
             found = self.versions.get(version)
@@ -183,16 +192,19 @@ class Registry:
             )
         return row
 
-    def promote(self, task: Task, version: str, reason: str | None, source: str = "learner") -> Change:
-        """Make `version` the champion: CHAMPION file (the commit point), then DuckDB, then the announcement."""
+    def promote(
+        self, task: Task, version: str, reason: str | None, source: str = "learner", domain: str = DEFAULT_DOMAIN
+    ) -> Change:
+        """Make `version` the champion of `domain`: its CHAMPION file (the commit point), then DuckDB, then the
+        announcement. Only messages of that domain are served it: no other domain's models change."""
         self._require(task, version)
-        previous = self._file_champion(task)
+        previous = self._file_champion(task, domain)
         if previous == version:
-            raise RegistryError(f"{version} is already the {task} champion")
+            raise RegistryError(f"{version} is already the {task} champion{_in(domain)}")
         # (1) The commit point: from here on scorers load `version`, whatever happens next.
-        self.adapters.set_champion(task, version)
+        self.adapters.set_champion(task, version, domain)
         # (2) A crash before this transaction commits is repaired by the next sync().
-        self.versions.set_champion(task, version, "promoted", source, reason)
+        self.versions.set_champion(task, version, "promoted", source, reason, domain=domain)
         # (3) Scorers that miss the announcement still see the file at their next poll. A promotion from the
         # command line is announced as "manual" (stream.updates.UpdateEvent): it skipped the held-out gate.
         return self._announce(task, version, "promoted", previous, event="manual" if source == "cli" else None)
@@ -206,13 +218,34 @@ class Registry:
             )
         return self.versions.reject(version, reason, source)
 
-    def rollback(self, task: Task, to: str | None = None, source: str = "cli", reason: str | None = None) -> Change:
-        """Serve `to` again, or by default the champion's parent (else the latest retired version)."""
-        current = self._file_champion(task)
+    def rollback(
+        self,
+        task: Task,
+        to: str | None = None,
+        source: str = "cli",
+        reason: str | None = None,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> Change:
+        """Serve `to` again, or by default the champion's parent (else the latest retired version); in a domain
+        with nothing earlier of its own, withdraw its champion so it is served the default domain's again."""
+        current = self._file_champion(task, domain)
         if current is None:
+            if domain != DEFAULT_DOMAIN:
+                raise RegistryError(f"domain {domain} has no {task} champion of its own: it serves the default's")
             raise RegistryError(f"no {task} champion to roll back: run `finpulse bootstrap` first")
+        if to is None and domain != DEFAULT_DOMAIN and self._domain_rollback_target(task, current, domain) is None:
+            why = reason or f"withdrawn: domain {domain} is served the default champion again"
+            self.adapters.clear_champion(task, domain)  # the commit point
+            default = self._file_champion(task) or current
+            self.versions.withdraw(task, current, default, source, why, domain)
+            return self._announce(task, default, "rolled_back", current)
         if to is None:
-            target = self._rollback_target(task, current)
+            target = (
+                self._domain_rollback_target(task, current, domain)
+                if domain != DEFAULT_DOMAIN
+                else self._rollback_target(task, current)
+            )
+            assert target is not None
         else:
             row = self._require(task, to)
             if to == current:
@@ -223,8 +256,8 @@ class Registry:
                 )
             target = to
         why = reason or f"rolled back from {current}"
-        self.adapters.set_champion(task, target)  # the commit point, as in promote()
-        self.versions.set_champion(task, target, "rolled_back", source, why)
+        self.adapters.set_champion(task, target, domain)  # the commit point, as in promote()
+        self.versions.set_champion(task, target, "rolled_back", source, why, domain=domain)
         return self._announce(task, target, "rolled_back", current)
 
     def list(self, task: Task | None = None) -> builtins.list[VersionRow]:
@@ -242,7 +275,7 @@ class Registry:
         return VersionInfo(
             row=row,
             card=card,
-            serving=self._file_champion(task) == version,
+            serving=version in self._file_champions(task).values(),
             events=self.versions.events(version=version),
         )
 
@@ -269,13 +302,34 @@ class Registry:
         if task_of(version) != task:
             raise RegistryError(f"{version} is not a {task} version: {task} versions are named {task}-vN")
 
-    def _file_champion(self, task: Task) -> str | None:
-        """Return the version the CHAMPION file names, or None when there is no usable one."""
+    def _file_champion(self, task: Task, domain: str = DEFAULT_DOMAIN) -> str | None:
+        """Return the version the domain's CHAMPION file names, or None when there is no usable one."""
         try:
-            return self.adapters.champion(task)
+            return self.adapters.champion(task, domain)
         except ModelLoadError as e:
-            log.debug("no %s champion on disk: %s", task, e)
+            log.debug("no %s champion on disk for domain %s: %s", task, domain, e)
             return None
+
+    def _file_champions(self, task: Task) -> dict[str, str]:
+        """Return the version each domain's CHAMPION file names (none when the default's is unusable)."""
+        try:
+            return self.adapters.domain_champions(task)
+        except ModelLoadError as e:
+            log.debug("no %s champions on disk: %s", task, e)
+            default = self._file_champion(task)
+            return {DEFAULT_DOMAIN: default} if default is not None else {}
+
+    def _domain_rollback_target(self, task: Task, current: str, domain: str) -> str | None:
+        """Return the earlier version of this domain that served it (the newest), or None."""
+        on_disk = set(self.adapters.versions(task))
+        earlier = [
+            row
+            for row in self.versions.list(task)
+            if row.domain == domain and row.status == "retired" and row.version != current and row.version in on_disk
+        ]
+        if not earlier:
+            return None
+        return max(earlier, key=lambda row: (row.status_at or row.created_at, _number(row.version))).version
 
     def _rollback_target(self, task: Task, current: str) -> str:
         """Return the version a default rollback serves: the champion's parent, else the latest retired one."""
@@ -304,7 +358,7 @@ class Registry:
             )
         return max(retired, key=lambda row: (row.status_at or row.created_at, _number(row.version))).version
 
-    def _row_from_disk(self, task: Task, version: str, status: str) -> VersionRow:
+    def _row_from_disk(self, task: Task, version: str, status: str, serving: str | None = None) -> VersionRow:
         """Build the row of a version found on disk from its model card (a bare row if the card is unreadable)."""
         now = dt.datetime.now(dt.UTC)
         try:
@@ -319,6 +373,7 @@ class Registry:
                 status=status,
                 reason=f"found on disk by sync; model card unreadable: {e}",
                 status_at=now,
+                domain=serving or DEFAULT_DOMAIN,
             )
         experience_id = card.data.get("experience_id")
         return VersionRow(
@@ -333,6 +388,7 @@ class Registry:
             status=status,
             reason="found on disk by sync",
             status_at=now,
+            domain=serving or card.domain,
         )
 
     def _announce(
@@ -348,6 +404,10 @@ class Registry:
             log.info("%s %s %s but not announced: %s", task, version, outcome, e)
             return Change(task, version, previous, outcome, published=False, note=str(e) or type(e).__name__)
         return Change(task, version, previous, outcome, published=True)
+
+
+def _in(domain: str) -> str:
+    return "" if domain == DEFAULT_DOMAIN else f" of domain {domain}"
 
 
 def _number(version: str) -> int:

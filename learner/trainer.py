@@ -16,29 +16,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from learner.adapters import CARD_FILE, AdapterStore, ModelCard, now_utc
+from learner.calibration import calibration_report, fit_temperature
 from learner.config import ContinualConfig, ModelConfig
 from learner.continual import (
     FeatureBank,
     TopModel,
-    accuracy_on,
     build_strategy,
     experience_of,
     freeze_lower_layers,
     label_ids,
     load_tensors,
     memory_items,
+    predict,
     progress_plugin,
     restore_memory,
     save_tensors,
     seed_everything,
     tensor_dataset,
 )
+from learner.domains import DEFAULT_DOMAIN
 from learner.encoder import load_classifier_base, load_tokenizer
 from learner.errors import LearnerError, ModelLoadError
 from learner.gate import SliceScore
 from learner.labels import Task, labels_of
-from learner.training import PACKAGED_BASE, save_adapter
+from learner.training import PACKAGED_BASE, bank_logits, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class ExperienceSlices:
     id: int
     train: Pairs
     holdout: Pairs
+    domain: str = DEFAULT_DOMAIN
 
 
 @dataclass(frozen=True)
@@ -109,13 +114,17 @@ def train_candidate(
     frozen = freeze_lower_layers(peft_model, config.trainable_layers)
     bank = FeatureBank(peft_model, load_tokenizer(model_config.base_model), frozen, model_config.max_length)
     model = TopModel(peft_model, bank)
+    # Within a domain, learning continues: the champion's replay memory and EWC state carry over. A domain's
+    # first version starts from another domain's champion, whose memory and importances describe data this
+    # domain labels differently (the stock tweets and TFNS do): it starts from the weights alone.
+    inherit = adapters.card(task, champion).domain == new.domain
 
-    memory = read_memory(champion_dir / REPLAY_FILE) or list(seed_memory)
+    memory = (read_memory(champion_dir / REPLAY_FILE) or list(seed_memory)) if inherit else []
     mem_idx = bank.add([t for t, _ in memory])
     train_idx = bank.add([t for t, _ in new.train])
     slices = [*earlier, new]
     holdouts = [(s, bank.add([t for t, _ in s.holdout]), label_ids(task, [y for _, y in s.holdout])) for s in slices]
-    before = [accuracy_on(model, idx, y) for _, idx, y in holdouts]
+    before = [predict(model, idx) for _, idx, y in holdouts]
 
     steps = -(-len(new.train) // config.batch_size) * config.epochs
     bar = progress_plugin(steps, f"{task} experience {new.id}", config.time_budget_s, show_progress)
@@ -126,7 +135,7 @@ def train_candidate(
         strategy.distill_from(model.frozen_copy(), len(labels_of(task)))
     memory_data = tensor_dataset(mem_idx, label_ids(task, [y for _, y in memory]))
     restore_memory(strategy, memory_data)
-    if strategy.ewc is not None:
+    if strategy.ewc is not None and inherit:
         ewc_path = champion_dir / EWC_FILE
         if ewc_path.is_file():
             strategy.ewc.load(load_tensors(ewc_path), model.classifier_device())
@@ -138,11 +147,14 @@ def train_candidate(
     train_data = tensor_dataset(train_idx, label_ids(task, [y for _, y in new.train]))
     strategy.template.train(experience_of(train_data, new.id), eval_streams=[])
     train_s = time.perf_counter() - started
-    after = [accuracy_on(model, idx, y) for _, idx, y in holdouts]
-    scores = [
-        SliceScore(s.id, len(s.holdout), round(b, 4), round(a, 4))
-        for (s, _, _), b, a in zip(holdouts, before, after, strict=True)
-    ]
+    after = [predict(model, idx) for _, idx, y in holdouts]
+    scores = [paired_score(s.id, y, b, a) for (s, _, y), b, a in zip(holdouts, before, after, strict=True)]
+    # Calibration of the candidate on every held-out slice (never trained on); it changes no prediction.
+    held_idx = torch.cat([idx for _, idx, _ in holdouts])
+    held_y = torch.tensor([t for _, _, y in holdouts for t in y])
+    model.eval()
+    logits = bank_logits(model, held_idx, len(labels_of(task)))
+    temperature = fit_temperature(logits, held_y)
 
     version = adapters.next_version(task)
     staging = adapters.staging_dir(task, version)
@@ -159,6 +171,12 @@ def train_candidate(
         "steps": bar.steps,
         "out_of_time": bar.out_of_time,
         "replay_memory": len(kept),
+        "calibration": {
+            "temperature": round(temperature, 4),
+            "fitted_on": f"{len(held_y)} held-out labels of experiences {[s.id for s in slices]}",
+            "holdout": calibration_report(logits, held_y, temperature),
+        },
+        "continued_from_parent_memory": inherit,
     }
     card = ModelCard(
         version=version,
@@ -171,6 +189,7 @@ def train_candidate(
         data={"experience": new.id, "n_train": len(new.train), "n_holdout": len(new.holdout)},
         metrics=metrics,
         hyperparameters=config.model_dump(),
+        domain=new.domain,
     )
     (staging / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
     path = adapters.commit_staged(task, version)
@@ -184,6 +203,25 @@ def train_candidate(
         steps=bar.steps,
         out_of_time=bar.out_of_time,
         metrics=metrics,
+    )
+
+
+def paired_score(
+    experience_id: int, gold: Sequence[int], champion: Sequence[int], candidate: Sequence[int]
+) -> SliceScore:
+    """Score champion and candidate on the same held-out labels, counting the labels only one of them gets right."""
+    n = len(gold)
+    if n == 0:
+        raise LearnerError(f"cannot evaluate on the empty held-out slice of experience {experience_id}")
+    right_before = [p == g for p, g in zip(champion, gold, strict=True)]
+    right_after = [p == g for p, g in zip(candidate, gold, strict=True)]
+    return SliceScore(
+        experience_id,
+        n,
+        round(sum(right_before) / n, 4),
+        round(sum(right_after) / n, 4),
+        lost=sum(b and not a for b, a in zip(right_before, right_after, strict=True)),
+        gained=sum(a and not b for b, a in zip(right_before, right_after, strict=True)),
     )
 
 

@@ -27,10 +27,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# LoRA on every linear layer of the encoder lets a 6-layer model adapt almost as well as full fine-tuning;
-# the pooler and the head are small, so they are trained in full (peft's modules_to_save).
-LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
+# LoRA on every linear layer of the top encoder layers only: the layers below stay the base model's, so every
+# task and domain shares them and a scorer runs them once per batch (learner.model.Trunk). The pooler and the
+# head are small, so they are trained in full (peft's modules_to_save).
 FULLY_TRAINED = ["classifier", "pooler"]
+ENCODER_LAYERS = 6  # all-MiniLM-L6-v2; lora_targets checks the configured encoder against it
+
+
+def lora_targets(adapted_layers: int, total_layers: int = ENCODER_LAYERS) -> str:
+    """Return peft's target regex: every linear layer of the top `adapted_layers` encoder layers."""
+    if not 1 <= adapted_layers <= total_layers:
+        raise LearnerError(f"train.adapted_layers is {adapted_layers}; the encoder has {total_layers} layers")
+    indices = "|".join(str(i) for i in range(total_layers - adapted_layers, total_layers))
+    return rf".*encoder\.layer\.({indices})\..*(query|key|value|dense)$"
+
 
 ProgressFn = Callable[[int, int, float], None]
 PACKAGED_BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -57,7 +67,7 @@ def lora_model(task: Task, model_config: ModelConfig, train_config: TrainConfig)
         r=train_config.lora_r,
         lora_alpha=train_config.lora_alpha,
         lora_dropout=train_config.lora_dropout,
-        target_modules=LORA_TARGETS,
+        target_modules=lora_targets(train_config.adapted_layers, base.config.num_hidden_layers),
         modules_to_save=FULLY_TRAINED,
     )
     return get_peft_model(base, lora)
@@ -165,7 +175,15 @@ def train_adapter(
     data: dict[str, Any],
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train a fresh adapter for `task`, evaluate it on `valid`, and save adapter + model card to `out_dir`."""
+    """Train a fresh adapter for `task`, calibrate and evaluate it on `valid`, and save it with its model card.
+
+    Only the top `adapted_layers` layers train, so the layers below run once per text (a FeatureBank) and each
+    step costs the top layers alone; a slice of `train` is kept out to fit the calibration temperature.
+    """
+    from learner.calibration import calibration_report, fit_temperature
+    from learner.continual import FeatureBank, TopModel, freeze_lower_layers, label_ids
+    from learner.model import cpu_has_bf16
+
     labels = labels_of(task)
     unknown = {e.label for e in train} - set(labels)
     if unknown:
@@ -173,14 +191,25 @@ def train_adapter(
     random.seed(train_config.seed)
     torch.manual_seed(train_config.seed)
     rng = random.Random(train_config.seed)
+    shuffled = list(train)
+    rng.shuffle(shuffled)
+    n_calib = int(len(shuffled) * train_config.calibration_fraction)
+    calib, fit = shuffled[:n_calib], shuffled[n_calib:]
+
     tokenizer = load_tokenizer(model_config.base_model)
-    model = lora_model(task, model_config, train_config)
-    label_ids = {label: k for k, label in enumerate(labels)}
-    targets = torch.tensor([label_ids[e.label] for e in train])
-    texts = [e.text for e in train]
+    peft_model = lora_model(task, model_config, train_config)
+    frozen = freeze_lower_layers(peft_model, train_config.adapted_layers)
+    started = time.perf_counter()
+    bank = FeatureBank(peft_model, tokenizer, frozen, train_config.max_length)
+    fit_idx = bank.add([e.text for e in fit])
+    calib_idx = bank.add([e.text for e in calib])
+    valid_idx = bank.add([e.text for e in valid])
+    cache_s = time.perf_counter() - started
+    model = TopModel(peft_model, bank)
+    targets = torch.tensor(label_ids(task, [e.label for e in fit]))
 
     epochs = train_config.topic_epochs if task == "topic" else train_config.epochs
-    steps_per_epoch = math.ceil(len(train) / train_config.batch_size)
+    steps_per_epoch = math.ceil(len(fit) / train_config.batch_size)
     total = steps_per_epoch * epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=0.01)
@@ -189,12 +218,15 @@ def train_adapter(
         optimizer,
         lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (total - step) / max(1, total - warmup)),
     )
-    started = time.perf_counter()
+    # bf16 matmuls on CPUs that have them (1.8x here); weights, optimizer state and the loss stay float32.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_bf16())
     step = 0
     model.train()
     for _epoch in range(epochs):
-        for chunk, batch in batches(tokenizer, texts, train_config.max_length, train_config.batch_size, rng):
-            loss = torch.nn.functional.cross_entropy(model(**batch).logits, targets[chunk])
+        for chunk in bucketed(bank.lengths[fit_idx].tolist(), train_config.batch_size, rng):
+            with autocast:
+                logits = model(fit_idx[chunk])
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[chunk])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -204,9 +236,26 @@ def train_adapter(
             if progress is not None:
                 progress(step, total, float(loss))
     train_s = time.perf_counter() - started
-    metrics = evaluate(model, tokenizer, valid, task, train_config.max_length)
 
-    save_adapter(model, out_dir, model_config)
+    model.eval()
+    calib_logits = bank_logits(model, calib_idx, len(labels))
+    temperature = fit_temperature(calib_logits, torch.tensor(label_ids(task, [e.label for e in calib])))
+    valid_logits = bank_logits(model, valid_idx, len(labels))
+    valid_targets = torch.tensor(label_ids(task, [e.label for e in valid]))
+    predicted = [labels[k] for k in valid_logits.argmax(dim=-1).tolist()]
+    gold = [e.label for e in valid]
+    metrics: dict[str, Any] = {
+        "accuracy": accuracy(gold, predicted),
+        "macro_f1": macro_f1(gold, predicted, labels),
+        "n": len(gold),
+    }
+    calibration = {
+        "temperature": round(temperature, 4),
+        "fitted_on": f"{len(calib)} training texts kept out of training",
+        "valid": calibration_report(valid_logits, valid_targets, temperature),
+    }
+
+    save_adapter(peft_model, out_dir, model_config)
     card = ModelCard(
         version=version,
         task=task,
@@ -215,10 +264,39 @@ def train_adapter(
         parent=None,
         created_at=now_utc(),
         seed=train_config.seed,
-        data=data,
-        metrics={"valid": metrics, "train_s": round(train_s, 1)},
-        hyperparameters={**train_config.model_dump(), "epochs_used": epochs, "steps": total},
+        data={**data, "calibration": f"{len(calib)} texts of the training split, kept out of training"},
+        metrics={
+            "valid": metrics,
+            "calibration": calibration,
+            "train_s": round(train_s, 1),
+            "feature_cache_s": round(cache_s, 1),
+        },
+        hyperparameters={
+            **train_config.model_dump(),
+            "epochs_used": epochs,
+            "steps": total,
+            "shared_layers": frozen,
+        },
     )
     (out_dir / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
     write_hub_files(out_dir)  # config.json with the label names and the model card, in place of peft's template
     return TrainResult(version, out_dir, metrics, train_s)
+
+
+def bucketed(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[torch.Tensor]:
+    """Shuffle positions into batches of similar length (sorted inside windows of 50 batches), in random order."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lambda j: lengths[j])]
+    out = [torch.tensor(order[s : s + batch_size]) for s in range(0, len(order), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+@torch.no_grad()
+def bank_logits(model: Any, index: torch.Tensor, classes: int, batch_size: int = 256) -> torch.Tensor:
+    """Return float32 logits of the bank texts at `index`."""
+    if len(index) == 0:
+        return torch.empty(0, classes)
+    return torch.cat([model(index[s : s + batch_size]).float() for s in range(0, len(index), batch_size)])

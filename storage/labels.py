@@ -26,7 +26,7 @@ import duckdb
 
 from storage.errors import StorageError
 from storage.history import History
-from storage.schema import from_epoch_us, from_epoch_us_required
+from storage.schema import DEFAULT_DOMAIN, from_epoch_us, from_epoch_us_required
 
 __all__ = ["Experience", "ExperienceNotFoundError", "LabelRow", "LabelStore", "LabelTask", "Split"]
 
@@ -48,6 +48,7 @@ _LABEL_STRUCTURE: Final = json.dumps(
             "kafka_topic": "VARCHAR",
             "kafka_partition": "INTEGER",
             "kafka_offset": "BIGINT",
+            "domain": "VARCHAR",
         }
     ],
     separators=(",", ":"),
@@ -55,8 +56,10 @@ _LABEL_STRUCTURE: Final = json.dumps(
 # The whole batch is bound as one JSON string (duckdb 1.4's Python client spends ~40 µs per bound value);
 # timestamps travel as ISO 8601 strings and are cast in SQL, which needs no pytz.
 _INSERT_LABELS_SQL: Final = (
-    "INSERT INTO labels SELECT r.id, r.text, r.sentiment, r.topic, CAST(r.labelled_at AS TIMESTAMPTZ), r.labeller, "
-    "CAST(r.received_at AS TIMESTAMPTZ), r.kafka_topic, r.kafka_partition, r.kafka_offset "
+    "INSERT INTO labels (id, text, sentiment, topic, labelled_at, labeller, received_at, kafka_topic, "
+    "kafka_partition, kafka_offset, domain) "
+    "SELECT r.id, r.text, r.sentiment, r.topic, CAST(r.labelled_at AS TIMESTAMPTZ), r.labeller, "
+    "CAST(r.received_at AS TIMESTAMPTZ), r.kafka_topic, r.kafka_partition, r.kafka_offset, r.domain "
     f"FROM (SELECT unnest(from_json(?, '{_LABEL_STRUCTURE}')) AS r) "
     "WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.id = r.id "
     "AND l.labelled_at = CAST(r.labelled_at AS TIMESTAMPTZ) "
@@ -67,7 +70,7 @@ _EXAMPLE_STRUCTURE: Final = json.dumps(
 )
 _EXPERIENCE_SELECT: Final = (
     "SELECT id, task, epoch_us(created_at), epoch_us(span_start), epoch_us(span_end), n_train, n_holdout, "
-    "status, version FROM experiences"
+    f"status, version, coalesce(domain, '{DEFAULT_DOMAIN}') FROM experiences"
 )
 
 
@@ -88,6 +91,7 @@ class LabelRow:
     kafka_topic: str | None = None
     kafka_partition: int | None = None
     kafka_offset: int | None = None
+    domain: str | None = None  # as the label names it; None: the domain of the news it labels
 
     def __post_init__(self) -> None:
         """Refuse labels that label nothing and naive times; coerce numpy integers to Python ones."""
@@ -123,6 +127,7 @@ class Experience:
     n_holdout: int
     status: str
     version: str | None  # the adapter version trained on it, once trained
+    domain: str = DEFAULT_DOMAIN
 
 
 class LabelStore:
@@ -158,6 +163,7 @@ class LabelStore:
                     "kafka_topic": row.kafka_topic,
                     "kafka_partition": row.kafka_partition,
                     "kafka_offset": row.kafka_offset,
+                    "domain": row.domain,
                 }
                 for row in unique.values()
             ],
@@ -176,7 +182,7 @@ class LabelStore:
                 return []
             records = con.execute(
                 f"{_pending_sql(task)} SELECT id, text, sentiment, topic, epoch_us(labelled_at), labeller, "
-                "kafka_topic, kafka_partition, kafka_offset FROM pending ORDER BY labelled_at, id",
+                "kafka_topic, kafka_partition, kafka_offset, domain FROM pending ORDER BY labelled_at, id",
                 [task],
             ).fetchall()
         return [
@@ -190,6 +196,7 @@ class LabelStore:
                 kafka_topic=r[6],
                 kafka_partition=r[7],
                 kafka_offset=r[8],
+                domain=r[9],
             )
             for r in records
         ]
@@ -220,6 +227,7 @@ class LabelStore:
         train: Sequence[tuple[str, str, str]],
         holdout: Sequence[tuple[str, str, str]],
         now: dt.datetime | None = None,
+        domain: str = DEFAULT_DOMAIN,
     ) -> Experience:
         """Store a new open experience of (label_id, text, label) examples under the next id, in one transaction."""
         _check_task(task)
@@ -269,8 +277,9 @@ class LabelStore:
             span_start = from_epoch_us(span[0]) if span is not None else None
             span_end = from_epoch_us(span[1]) if span is not None else None
             con.execute(
-                "INSERT INTO experiences VALUES (?, ?, CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ), "
-                "CAST(? AS TIMESTAMPTZ), ?, ?, 'open', NULL)",
+                "INSERT INTO experiences (id, task, created_at, span_start, span_end, n_train, n_holdout, status, "
+                "version, domain) VALUES (?, ?, CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ), "
+                "CAST(? AS TIMESTAMPTZ), ?, ?, 'open', NULL, ?)",
                 [
                     new_id,
                     task,
@@ -279,6 +288,7 @@ class LabelStore:
                     span_end.isoformat() if span_end else None,
                     len(train),
                     len(holdout),
+                    None if domain == DEFAULT_DOMAIN else domain,
                 ],
             )
         return Experience(
@@ -291,6 +301,7 @@ class LabelStore:
             n_holdout=len(holdout),
             status="open",
             version=None,
+            domain=domain,
         )
 
     def experiences(self, task: LabelTask, status: str | None = None) -> list[Experience]:
@@ -389,4 +400,5 @@ def _experience(record: Sequence[Any]) -> Experience:
         n_holdout=int(record[6]),
         status=str(record[7]),
         version=None if record[8] is None else str(record[8]),
+        domain=str(record[9]),
     )

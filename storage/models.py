@@ -26,7 +26,7 @@ import duckdb
 
 from storage.errors import StorageError
 from storage.history import History
-from storage.schema import from_epoch_us, from_epoch_us_required
+from storage.schema import DEFAULT_DOMAIN, from_epoch_us, from_epoch_us_required
 
 __all__ = [
     "EVENT_OUTCOMES",
@@ -45,10 +45,16 @@ EVENT_SOURCES: Final[frozenset[str]] = frozenset({"learner", "cli"})
 _NUMBER: Final = re.compile(r"-v(\d+)$")
 _VERSION_SELECT: Final = (
     "SELECT version, task, parent, epoch_us(created_at), experience_id, epoch_us(span_start), epoch_us(span_end), "
-    "CAST(metrics AS VARCHAR), status, reason, epoch_us(status_at) FROM model_versions"
+    f"CAST(metrics AS VARCHAR), status, reason, epoch_us(status_at), coalesce(domain, '{DEFAULT_DOMAIN}') "
+    "FROM model_versions"
 )
 # AT is a keyword in DuckDB, so the column is quoted wherever it is named.
-_EVENT_SELECT: Final = "SELECT epoch_us(event_at), task, version, outcome, previous, source, reason FROM model_events"
+_EVENT_SELECT: Final = (
+    "SELECT epoch_us(event_at), task, version, outcome, previous, source, reason, "
+    f"coalesce(domain, '{DEFAULT_DOMAIN}') FROM model_events"
+)
+# A version's domain as a comparable value: NULL (rows written before domains) is the default domain.
+_DOMAIN_SQL: Final = f"coalesce(domain, '{DEFAULT_DOMAIN}')"
 
 
 class VersionNotFoundError(StorageError):
@@ -70,6 +76,7 @@ class VersionRow:
     status: str = "candidate"
     reason: str | None = None
     status_at: dt.datetime | None = None  # when `status` was set; None = created_at
+    domain: str = DEFAULT_DOMAIN  # the domain it was trained for; champion there when status is champion
 
     def __post_init__(self) -> None:
         """Refuse unknown statuses and naive times; normalise times to UTC."""
@@ -99,6 +106,7 @@ class ModelEvent:
     previous: str | None  # the champion before the event (for a rejection: the one that stays)
     source: str  # learner | cli
     reason: str | None
+    domain: str = DEFAULT_DOMAIN
 
 
 class ModelVersionStore:
@@ -120,8 +128,9 @@ class ModelVersionStore:
             if con.execute("SELECT 1 FROM model_versions WHERE version = ?", [row.version]).fetchone() is not None:
                 return False
             con.execute(
-                "INSERT INTO model_versions VALUES (?, ?, ?, CAST(? AS TIMESTAMPTZ), ?, CAST(? AS TIMESTAMPTZ), "
-                "CAST(? AS TIMESTAMPTZ), ?, ?, ?, CAST(? AS TIMESTAMPTZ))",
+                "INSERT INTO model_versions (version, task, parent, created_at, experience_id, span_start, span_end, "
+                "metrics, status, reason, status_at, domain) VALUES (?, ?, ?, CAST(? AS TIMESTAMPTZ), ?, "
+                "CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ), ?, ?, ?, CAST(? AS TIMESTAMPTZ), ?)",
                 [
                     row.version,
                     row.task,
@@ -134,6 +143,7 @@ class ModelVersionStore:
                     row.status,
                     row.reason,
                     _iso(row.status_at),
+                    None if row.domain == DEFAULT_DOMAIN else row.domain,
                 ],
             )
         return True
@@ -157,20 +167,25 @@ class ModelVersionStore:
         # By version number within a task: two versions made within one second still list in order.
         return sorted(rows, key=lambda r: (r.created_at, r.task, _number(r.version)), reverse=True)
 
-    def champion(self, task: str) -> VersionRow | None:
-        """Return the champion of `task` as recorded here, or None when there is none."""
+    def champion(self, task: str, domain: str = DEFAULT_DOMAIN) -> VersionRow | None:
+        """Return the champion of `task` in `domain` as recorded here, or None when there is none."""
         with self._read("reading the champion") as con:
             if con is None:
                 return None
-            record = con.execute(f"{_VERSION_SELECT} WHERE task = ? AND status = 'champion'", [task]).fetchone()
+            record = con.execute(
+                f"{_VERSION_SELECT} WHERE task = ? AND status = 'champion' AND {_DOMAIN_SQL} = ?", [task, domain]
+            ).fetchone()
         return None if record is None else _version_row(record)
 
     def champions(self) -> dict[str, str]:
-        """Return the recorded champion version of every task that has one."""
+        """Return the recorded champion version of every task that has one, in the default domain."""
         with self._read("reading the champions") as con:
             if con is None:
                 return {}
-            records = con.execute("SELECT task, version FROM model_versions WHERE status = 'champion'").fetchall()
+            records = con.execute(
+                f"SELECT task, version FROM model_versions WHERE status = 'champion' AND {_DOMAIN_SQL} = ?",
+                [DEFAULT_DOMAIN],
+            ).fetchall()
         return {str(task): str(version) for task, version in records}
 
     def set_champion(
@@ -181,15 +196,17 @@ class ModelVersionStore:
         source: str,
         reason: str | None,
         now: dt.datetime | None = None,
+        domain: str = DEFAULT_DOMAIN,
     ) -> str | None:
-        """Make `version` the champion of `task` and log the change, in one transaction; return the previous one.
+        """Make `version` the champion of `task` in `domain` and log the change, in one transaction; return the
+        previous one there.
 
         The previous champion becomes retired. Nothing is written when `version` is the champion already,
         so a promotion that sync() has completed is not logged twice.
         """
         _check_event(outcome, source)
         at = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat()
-        with self._write(f"making {version} the {task} champion") as con:
+        with self._write(f"making {version} the {task} champion of domain {domain}") as con:
             found = con.execute("SELECT task FROM model_versions WHERE version = ?", [version]).fetchone()
             if found is None:
                 raise VersionNotFoundError(f"no version {version}: see `finpulse models list`")
@@ -198,8 +215,9 @@ class ModelVersionStore:
             champions = [
                 str(name)
                 for (name,) in con.execute(
-                    "SELECT version FROM model_versions WHERE task = ? AND status = 'champion' ORDER BY status_at",
-                    [task],
+                    f"SELECT version FROM model_versions WHERE task = ? AND status = 'champion' AND {_DOMAIN_SQL} = ? "
+                    "ORDER BY status_at",
+                    [task, domain],
                 ).fetchall()
             ]
             if champions == [version]:
@@ -207,16 +225,40 @@ class ModelVersionStore:
             previous = next((name for name in reversed(champions) if name != version), None)
             con.execute(
                 "UPDATE model_versions SET status = 'retired', reason = ?, status_at = CAST(? AS TIMESTAMPTZ) "
-                "WHERE task = ? AND status = 'champion' AND version <> ?",
-                [_retired_reason(version, outcome), at, task, version],
+                f"WHERE task = ? AND status = 'champion' AND version <> ? AND {_DOMAIN_SQL} = ?",
+                [_retired_reason(version, outcome), at, task, version, domain],
             )
+            # A version serves the domain it is promoted for (a default-domain version can be promoted for
+            # another domain by hand): the row says where it is champion.
             con.execute(
-                "UPDATE model_versions SET status = 'champion', reason = ?, status_at = CAST(? AS TIMESTAMPTZ) "
-                "WHERE version = ?",
-                [reason, at, version],
+                "UPDATE model_versions SET status = 'champion', reason = ?, status_at = CAST(? AS TIMESTAMPTZ), "
+                "domain = ? WHERE version = ?",
+                [reason, at, None if domain == DEFAULT_DOMAIN else domain, version],
             )
-            _log_event(con, at, task, version, outcome, previous, source, reason)
+            _log_event(con, at, task, version, outcome, previous, source, reason, domain)
         return previous
+
+    def withdraw(
+        self,
+        task: str,
+        version: str,
+        default: str,
+        source: str,
+        reason: str | None,
+        domain: str,
+        now: dt.datetime | None = None,
+    ) -> None:
+        """Record that `domain` no longer has its own champion `version` (it serves the default domain's
+        `default` again): the version retires and the change is logged as a rollback, in one transaction."""
+        _check_event("rolled_back", source)
+        at = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat()
+        with self._write(f"withdrawing {version} from domain {domain}") as con:
+            con.execute(
+                "UPDATE model_versions SET status = 'retired', reason = ?, status_at = CAST(? AS TIMESTAMPTZ) "
+                f"WHERE task = ? AND version = ? AND status = 'champion' AND {_DOMAIN_SQL} = ?",
+                [reason, at, task, version, domain],
+            )
+            _log_event(con, at, task, default, "rolled_back", version, source, reason, domain)
 
     def reject(self, version: str, reason: str | None, source: str, now: dt.datetime | None = None) -> VersionRow:
         """Mark a version rejected and log the rejection, in one transaction; return the updated row."""
@@ -230,16 +272,16 @@ class ModelVersionStore:
             if row.status == "champion":
                 raise StorageError(f"{version} is the {row.task} champion: roll it back before rejecting it")
             champion = con.execute(
-                "SELECT version FROM model_versions WHERE task = ? AND status = 'champion'", [row.task]
+                f"SELECT version FROM model_versions WHERE task = ? AND status = 'champion' AND {_DOMAIN_SQL} = ?",
+                [row.task, row.domain],
             ).fetchone()
             con.execute(
                 "UPDATE model_versions SET status = 'rejected', reason = ?, status_at = CAST(? AS TIMESTAMPTZ) "
                 "WHERE version = ?",
                 [reason, at, version],
             )
-            _log_event(
-                con, at, row.task, version, "rejected", None if champion is None else champion[0], source, reason
-            )
+            previous = None if champion is None else champion[0]
+            _log_event(con, at, row.task, version, "rejected", previous, source, reason, row.domain)
             updated = con.execute(f"{_VERSION_SELECT} WHERE version = ?", [version]).fetchone()
         return _version_row(updated if updated is not None else record)
 
@@ -267,6 +309,7 @@ class ModelVersionStore:
                 previous=None if r[4] is None else str(r[4]),
                 source=str(r[5]),
                 reason=None if r[6] is None else str(r[6]),
+                domain=str(r[7]),
             )
             for r in records
         ]
@@ -309,11 +352,13 @@ def _log_event(
     previous: str | None,
     source: str,
     reason: str | None,
+    domain: str = DEFAULT_DOMAIN,
 ) -> None:
     """Append one row to `model_events` inside the caller's transaction."""
     con.execute(
-        "INSERT INTO model_events VALUES (CAST(? AS TIMESTAMPTZ), ?, ?, ?, ?, ?, ?)",
-        [at, task, version, outcome, previous, source, reason],
+        "INSERT INTO model_events (event_at, task, version, outcome, previous, source, reason, domain) "
+        "VALUES (CAST(? AS TIMESTAMPTZ), ?, ?, ?, ?, ?, ?, ?)",
+        [at, task, version, outcome, previous, source, reason, None if domain == DEFAULT_DOMAIN else domain],
     )
 
 
@@ -332,6 +377,7 @@ def _version_row(record: Sequence[Any]) -> VersionRow:
         status=str(record[8]),
         reason=None if record[9] is None else str(record[9]),
         status_at=from_epoch_us_required(record[10]),
+        domain=str(record[11]),
     )
 
 

@@ -37,6 +37,9 @@ NEWS_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("kafka_offset", "BIGINT"),
 )
 
+# The domain of rows whose domain column is NULL (written before domains existed, or of no named domain).
+DEFAULT_DOMAIN: Final = "default"
+
 NEWS_COLUMN_NAMES: Final[tuple[str, ...]] = tuple(name for name, _ in NEWS_COLUMNS)
 TIMESTAMP_COLUMNS: Final[frozenset[str]] = frozenset(
     name for name, sql_type in NEWS_COLUMNS if sql_type == "TIMESTAMPTZ"
@@ -249,6 +252,15 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         # NULL for the subscriptions added before: the dispatcher gives each one a secret (from Python's
         # `secrets`, not DuckDB's random()) at its first delivery.
         statements=("ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS secret VARCHAR",),
+    ),
+    Migration(
+        version=6,
+        description="domains of labels, experiences, model versions and their events",
+        # NULL is the default domain: every row written before domains existed belongs to it.
+        statements=tuple(
+            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS domain VARCHAR"
+            for table in ("labels", "experiences", "model_versions", "model_events")
+        ),
     ),
 )
 

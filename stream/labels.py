@@ -1,8 +1,9 @@
 """The `news.labels` contract and its consumer: analysts' labels into DuckDB, bad ones to the dead-letter topic.
 
-A label value is UTF-8 JSON `{"id", "text", "sentiment"?, "topic"?, "labelled_at", "labeller"?}` with at least
-one of sentiment and topic. Offsets are committed only after the labels are stored and the dead letters
-flushed, and the store is idempotent, so a crash replays a batch without losing or doubling a label.
+A label value is UTF-8 JSON `{"id", "text", "sentiment"?, "topic"?, "labelled_at", "labeller"?, "domain"?}` with at
+least one of sentiment and topic; without a domain, a label belongs to the domain of the news it labels. Offsets
+are committed only after the labels are stored and the dead letters flushed, and the store is idempotent, so a
+crash replays a batch without losing or doubling a label.
 
 One record never stops the stream: whatever raises while it is handled sends it to the dead-letter topic as
 `unprocessable`, with the exception. A batch that fails as a whole (the file locked, the broker away) is not
@@ -22,6 +23,7 @@ from typing import Any, Final
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 
+from learner.domains import check_domain
 from learner.labels import SENTIMENTS, TOPICS
 from storage import StorageError
 from storage.labels import LabelRow, LabelStore
@@ -100,6 +102,14 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> LabelRow | Invali
     refused = bad_characters("labeller", labeller) if labeller is not None else None
     if refused is not None:
         return refused
+    domain = payload.get("domain")
+    if domain is not None:
+        if not isinstance(domain, str):
+            return Invalid(Reason.WRONG_TYPE, f"'domain' must be a string, got {type(domain).__name__}")
+        try:
+            check_domain(domain)
+        except ValueError as e:
+            return Invalid(Reason.WRONG_TYPE, f"'domain': {e}")
     return LabelRow(
         id=label_id,
         text=text,
@@ -107,6 +117,7 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> LabelRow | Invali
         topic=labels["topic"],
         labelled_at=labelled_at,
         labeller=labeller,
+        domain=domain,
     )
 
 

@@ -17,6 +17,7 @@ from kafka.structs import OffsetAndMetadata
 
 from learner.adapters import AdapterStore
 from learner.config import ModelConfig
+from learner.domains import DomainTable
 from learner.labels import Task
 from learner.model import Classifier, Prediction, TaskModel
 from monitor.metrics import ScorerMetrics
@@ -129,12 +130,13 @@ class Scorer:
             else [ScoredTopicSink(self.producer, topics.scored, bootstrap_servers), HistorySink(history)]
         )
         self._contain = Containment(self._wait_until_up, on_retry=self._count_retry)
+        self.domains = DomainTable(model_config.domains if model_config is not None else None)
         self._stop = threading.Event()
         metrics.set_versions(classifier.versions)
         models = classifier.models
         metrics.declare(models["topic"].labels, models["sentiment"].labels, config.watchlist)
         metrics.declare_stages([sink.name for sink in self.sinks] + ["dedupe", "model", "dlq", "commit"])
-        self._inference_batch = config.inference_batch or (512 if classifier.device.type == "cuda" else 32)
+        self.inference_batch = config.inference_batch or (512 if classifier.device.type == "cuda" else 32)
         self.lag = LagMonitor(
             bootstrap_servers, config.group_id, self.consumer.assignment, metrics, config.lag_interval_s
         )
@@ -150,10 +152,9 @@ class Scorer:
 
     def _model_swapper(self, bootstrap_servers: str, model_config: ModelConfig) -> ModelSwapper:
         store = AdapterStore(model_config.adapters_dir)
-        device = self.classifier.device
 
         def load(task: Task, version: str) -> TaskModel:
-            return TaskModel.load(store, task, version, model_config, device)
+            return self.classifier.load(store, task, version, model_config)
 
         # The listener is created before the swapper first reads the champions: no promotion falls in between.
         listener = UpdateListener(KafkaConfig(bootstrap_servers=bootstrap_servers, topics=self.topics))
@@ -309,7 +310,8 @@ class Scorer:
         return [item.id in stored for _, item in batch]
 
     def _predict(self, batch: list[tuple[Record, NewsItem]]) -> list[Prediction]:
-        return self.classifier.predict([item.text for _, item in batch], batch_size=self._inference_batch)
+        domains = [self.domains.domain_of(item.source) for _, item in batch]
+        return self.classifier.predict([item.text for _, item in batch], self.inference_batch, domains)
 
     def _dead_letter(self, refused: list[tuple[Record, Invalid]]) -> list[None]:
         futures = [

@@ -289,11 +289,11 @@ class ModelSwapper:
         self._load = load
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-model-load")
         # Each load remembers the files it started from: a failure is tied to those bytes, not to the name.
-        self._loading: dict[tuple[Task, str], tuple[Future[TaskModel], Fingerprint]] = {}
-        self._champion: dict[Task, str] = {}  # the last champion read, per task
+        self._loading: dict[tuple[Task, str, str], tuple[Future[TaskModel], Fingerprint]] = {}
+        self._champion: dict[tuple[Task, str], str] = {}  # the last champion read, per task and domain
         # A version that failed is tried again only once its files change: the same bytes would fail again at
         # every check and every update message (the one announcing it often arrives after the first check).
-        self._failed: dict[Task, tuple[str, Fingerprint]] = {}
+        self._failed: dict[tuple[Task, str], tuple[str, Fingerprint]] = {}
         self._pointer_error: dict[Task, str] = {}
         # The first call reads every champion: the listener exists by then, so nothing falls in between.
         self._stale: set[Task] = set(TASKS)
@@ -325,7 +325,7 @@ class ModelSwapper:
 
     def _look(self, task: Task) -> None:
         try:
-            champion = self.store.champion(task)
+            champions = self.store.domain_champions(task)
         except ModelLoadError as e:
             # Logged and counted once per distinct problem: the periodic check would repeat it forever.
             if self._pointer_error.get(task) != str(e):
@@ -334,40 +334,55 @@ class ModelSwapper:
                 log.error("event=model_swap_failed task=%s error=%r", task, str(e))
             return
         self._pointer_error.pop(task, None)
-        self._champion[task] = champion
-        serving = self.classifier.versions[task]
-        if champion == serving or (task, champion) in self._loading:
-            return
-        fingerprint = _fingerprint(self.store.version_dir(task, champion))
-        if self._failed.get(task) == (champion, fingerprint):
-            return
-        log.info("event=model_load_started task=%s version=%s serving=%s", task, champion, serving)
-        self._loading[(task, champion)] = (self._executor.submit(self._load, task, champion), fingerprint)
+        serving = self.classifier.domain_versions(task)
+        for domain in sorted(set(serving) - set(champions)):
+            # The domain's own champion was withdrawn: it is served the default domain's again.
+            self._champion.pop((task, domain), None)
+            dropped = self.classifier.drop(task, domain)
+            self.metrics.swaps.labels(task=task).inc()
+            log.info("event=model_swapped task=%s domain=%s version=default previous=%s", task, domain, dropped)
+        for domain, champion in champions.items():
+            self._champion[(task, domain)] = champion
+            if champion == serving.get(domain) or (task, domain, champion) in self._loading:
+                continue
+            fingerprint = _fingerprint(self.store.version_dir(task, champion))
+            if self._failed.get((task, domain)) == (champion, fingerprint):
+                continue
+            log.info(
+                "event=model_load_started task=%s domain=%s version=%s serving=%s",
+                task,
+                domain,
+                champion,
+                serving.get(domain, "default"),
+            )
+            future = self._executor.submit(self._load, task, champion)
+            self._loading[(task, domain, champion)] = (future, fingerprint)
 
     def _swap_loaded(self) -> bool:
         swapped = False
-        for (task, version), (future, fingerprint) in list(self._loading.items()):
+        for (task, domain, version), (future, fingerprint) in list(self._loading.items()):
             if not future.done():
                 continue
-            del self._loading[(task, version)]
+            del self._loading[(task, domain, version)]
             error = future.exception()
             if error is not None:
-                self._failed[task] = (version, fingerprint)
+                self._failed[(task, domain)] = (version, fingerprint)
                 self.metrics.failures.labels(task=task).inc()
                 log.error(
-                    "event=model_swap_failed task=%s version=%s serving=%s error=%r",
+                    "event=model_swap_failed task=%s domain=%s version=%s serving=%s error=%r",
                     task,
+                    domain,
                     version,
-                    self.classifier.versions[task],
+                    self.classifier.domain_versions(task).get(domain, "default"),
                     f"{type(error).__name__}: {error}",
                 )
                 continue
-            if self._champion.get(task) != version:
+            if self._champion.get((task, domain)) != version:
                 # The champion moved on while this version loaded (say, a quick rollback): it must not serve.
-                log.info("event=model_load_discarded task=%s version=%s", task, version)
+                log.info("event=model_load_discarded task=%s domain=%s version=%s", task, domain, version)
                 continue
-            previous = self.classifier.swap(future.result())
+            previous = self.classifier.swap(future.result(), domain)
             self.metrics.swaps.labels(task=task).inc()
-            log.info("event=model_swapped task=%s version=%s previous=%s", task, version, previous)
+            log.info("event=model_swapped task=%s domain=%s version=%s previous=%s", task, domain, version, previous)
             swapped = True
         return swapped

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from finpulse.replay import ReplayProducer, labelled_stream, news_messages
 from learner.adapters import CARD_FILE, AdapterStore
 from learner.config import ModelConfig
+from learner.datasets import stock_tweets
 from learner.errors import ModelLoadError
 from learner.labels import TASKS, Task
 from learner.model import Classifier, TaskModel
@@ -143,7 +145,13 @@ class FakeLoader:
         self.gate.wait(10)
         if version in self.broken:
             raise ModelLoadError(f"cannot load adapter {version}: corrupt")
-        return TaskModel(task, version, cast(Any, None), torch.device("cpu"))
+        return _fake_model(task, version)
+
+
+def _fake_model(task: Task, version: str) -> TaskModel:
+    # The swapper only moves models around; it never runs one.
+    none = cast(Any, None)
+    return TaskModel(task, version, 4, none, none, none, torch.device("cpu"))
 
 
 def _store(root: Path, versions: dict[Task, list[str]]) -> AdapterStore:
@@ -160,8 +168,9 @@ def _swapper(
     tmp_path: Path, broken: frozenset[str] = frozenset(), check_s: float = 0
 ) -> tuple[ModelSwapper, AdapterStore, FakeLoader, FakeListener, CollectorRegistry]:
     store = _store(tmp_path, {"sentiment": ["sentiment-v1", "sentiment-v2", "sentiment-v3"], "topic": ["topic-v1"]})
-    models = {task: TaskModel(task, store.champion(task), cast(Any, None), torch.device("cpu")) for task in TASKS}
-    classifier = Classifier(cast(Any, None), cast(Any, models), 64, torch.device("cpu"))
+    models = {task: _fake_model(task, store.champion(task)) for task in TASKS}
+    trunk = cast(Any, SimpleNamespace(device=torch.device("cpu")))
+    classifier = Classifier(cast(Any, None), trunk, models, 64)
     loader, listener, registry = FakeLoader(set(broken)), FakeListener(), CollectorRegistry()
     swapper = ModelSwapper(classifier, store, loader, cast(UpdateListener, listener), SwapMetrics(registry), check_s)
     return swapper, store, loader, listener, registry
@@ -528,3 +537,76 @@ def test_broken_version_keeps_the_old_one_serving(
     assert r.get_sample_value("finpulse_model_version_info", {"task": "sentiment", "version": "sentiment-v1"}) == 1
     errors = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert len(errors) == 1 and "sentiment-v2" in errors[0] and "\n" not in errors[0]
+
+
+@pytest.mark.kafka
+def test_a_domain_promotion_changes_nothing_served_to_other_domains(
+    kafka_bootstrap: str,
+    topics: TopicNames,
+    adapters: Path,
+    tmp_path: Path,
+    running: list[tuple[ScorerThread, ReplayProducer]],
+) -> None:
+    count = 400  # half stock-market tweets (domain "stocktweets"), half TFNS tweets (the default domain)
+    stock = len(stock_tweets(labelled_only=True))
+    everything = labelled_stream(stock + count // 2)  # the TFNS tweets follow the stock tweets
+    mixed = everything[stock - count // 2 :]
+    items = [x for pair in zip(mixed[: count // 2], mixed[count // 2 :], strict=True) for x in pair]
+    config = ScorerConfig(group_id=f"g-{uuid.uuid4().hex[:8]}", max_batch=64, max_wait_ms=100, champion_check_s=0)
+    model = ModelConfig(adapters_dir=adapters, domains={"stock-market-tweets": "stocktweets"})
+    classifier = Classifier.from_store(model, "cpu")
+    history = History(StorageConfig(duckdb_path=tmp_path / "h.duckdb"))
+    history.ensure_schema()
+    scorer = ScorerThread(Scorer(kafka_bootstrap, topics, config, classifier, history, ScorerMetrics(), model))
+    producer = ReplayProducer(kafka_bootstrap, topics.raw, news_messages(items), rate=40)
+    running.append((scorer, producer))
+    scorer.start()
+    producer.start()
+
+    _wait(lambda: history.count() >= count // 4, 60, "the first quarter to be scored")
+    store = AdapterStore(adapters)
+    # The domain's version: v1's weights with a far higher temperature, so every probability it gives differs.
+    target = _new_version(store, "sentiment", "sentiment-v1", "sentiment-v2")
+    card = json.loads((target / CARD_FILE).read_text())
+    card["domain"] = "stocktweets"
+    card["metrics"]["calibration"]["temperature"] = 8.0
+    (target / CARD_FILE).write_text(json.dumps(card, indent=2))
+    store.set_champion("sentiment", "sentiment-v2", "stocktweets")
+    with UpdatePublisher(KafkaConfig(bootstrap_servers=kafka_bootstrap, topics=topics)) as publisher:
+        publisher.publish("sentiment", "sentiment-v2", "promoted", None)
+    _wait(lambda: history.count() >= count, 90, "every message to be scored")
+    producer.join(10)
+    scorer.halt.set()
+    scorer.join(30)
+    assert scorer.error is None and producer.error is None
+
+    rows = history.query("SELECT id, source, sentiment_version, sentiment_negative, text FROM news").rows
+    by_source: dict[str, set[str]] = {}
+    for _, source, version, _, _ in rows:
+        by_source.setdefault(str(source), set()).add(str(version))
+    assert by_source["twitter-financial-news"] == {"sentiment-v1"}  # the default domain never saw v2
+    assert by_source["stock-market-tweets"] == {"sentiment-v1", "sentiment-v2"}  # swapped mid-stream
+    # What the default domain was served is what v1 gives now, to the bf16 noise of other batch shapes.
+    default = [r for r in rows if r[1] == "twitter-financial-news"]
+    again = classifier.predict([str(r[4]) for r in default])
+    drift = [abs(float(str(r[3])) - p.sentiment_scores["negative"]) for r, p in zip(default, again, strict=True)]
+    assert max(drift) < 0.03
+    assert {p.sentiment_version for p in again} == {"sentiment-v1"}
+    domain_rows = [r for r in rows if r[2] == "sentiment-v2"]
+    served = classifier.predict([str(r[4]) for r in domain_rows], domains=["stocktweets"] * len(domain_rows))
+    assert {p.sentiment_version for p in served} == {"sentiment-v2"}
+    assert all(p.sentiment_confidence < 0.6 for p in served)  # T = 8 flattens every answer
+    assert classifier.domain_versions("sentiment") == {"default": "sentiment-v1", "stocktweets": "sentiment-v2"}
+
+    # Withdrawing the domain's champion serves it the default's again, once announced.
+    store.clear_champion("sentiment", "stocktweets")
+    with UpdatePublisher(KafkaConfig(bootstrap_servers=kafka_bootstrap, topics=topics)) as publisher:
+        publisher.publish("sentiment", "sentiment-v1", "rolled_back", "sentiment-v2")
+    swapper = scorer.scorer.swapper
+    assert swapper is not None
+
+    def withdrawn() -> bool:
+        swapper.between_batches()  # the scorer is stopped: the test takes its between-batch step
+        return classifier.domain_versions("sentiment") == {"default": "sentiment-v1"}
+
+    _wait(withdrawn, 30, "the domain to be served the default version again")

@@ -79,10 +79,26 @@ def test_gate_promotes_a_clear_gain_that_keeps_earlier_slices() -> None:
 
 
 def test_gate_rejects_forgetting_beyond_the_margin() -> None:
-    decision = decide(
-        SliceScore(2, 400, 0.55, 0.70), [SliceScore(1, 300, 0.88, 0.85)], min_gain=0.01, max_forgetting=0.01
-    )
-    assert not decision.promote and "forgets experience 1" in decision.reason and "-3.0 pts" in decision.reason
+    # 24 labels lost, 6 gained of 300: -6 points, 1.8 points of paired noise: clearly beyond the 1-point allowance.
+    earlier = SliceScore(1, 300, 0.88, 0.82, lost=24, gained=6)
+    decision = decide(SliceScore(2, 400, 0.55, 0.70), [earlier], min_gain=0.01, max_forgetting=0.01)
+    assert not decision.promote and "forgets experience 1" in decision.reason and "-6.0 pts" in decision.reason
+
+
+def test_gate_promotes_a_clear_gain_whose_earlier_drop_is_within_the_noise() -> None:
+    # The in-domain topic case: +6 points on the new slice, -1.5 on experience 0 (14 lost, 8 gained of 400):
+    # the paired standard error is 1.2 points, so the drop is no evidence of forgetting beyond 1 point.
+    earlier = SliceScore(0, 400, 0.88, 0.865, lost=14, gained=8)
+    new = SliceScore(5, 60, 0.70, 0.767, lost=1, gained=5)
+    decision = decide(new, [earlier], min_gain=0.01, max_forgetting=0.01)
+    assert decision.promote, decision.reason
+
+
+def test_paired_counts_tighten_the_bound_when_the_versions_mostly_agree() -> None:
+    unpaired = SliceScore(1, 400, 0.80, 0.83)
+    paired = SliceScore(1, 400, 0.80, 0.83, lost=2, gained=14)
+    assert paired.standard_error < unpaired.standard_error / 2
+    assert decide(paired, [], 0.01, 0.01).promote and not decide(unpaired, [], 0.01, 0.01).promote
 
 
 def test_gate_rejects_a_gain_within_the_noise_of_a_small_slice() -> None:

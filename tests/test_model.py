@@ -15,7 +15,7 @@ from learner.datasets import tfns_sentiment
 from learner.encoder import load_classifier_base, load_tokenizer
 from learner.errors import ModelLoadError
 from learner.labels import SENTIMENTS, TASKS, TOPICS
-from learner.model import Classifier, TaskModel, resolve_device
+from learner.model import Classifier, TaskModel, Trunk, module_dtype, resolve_device
 from learner.training import train_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,9 @@ def test_merged_adapter_predicts_like_peft(classifier: Classifier, adapters_dir:
     peft_model = PeftModel.from_pretrained(load_classifier_base(3), str(store.version_dir("sentiment", version))).eval()
     tokenizer = load_tokenizer()
     with torch.inference_mode():
-        expected = torch.softmax(peft_model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits, -1)
+        logits = peft_model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    # Rows carry calibrated probabilities: the version's temperature divides the logits.
+    expected = torch.softmax(logits / classifier.models["sentiment"].temperature, -1)
     got = torch.tensor([[p.sentiment_scores[s] for s in SENTIMENTS] for p in classifier.predict(TEXTS)])
     assert torch.allclose(got, expected, atol=1e-4)
 
@@ -90,7 +92,7 @@ def test_shipped_sentiment_adapter_is_accurate_on_held_out_tweets(classifier: Cl
 
 def test_bf16_inference_agrees_with_float32(classifier: Classifier, adapters_dir: Path) -> None:
     bf16 = Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, inference_dtype="bfloat16"), "cpu")
-    assert next(bf16.models["sentiment"].module.parameters()).dtype == torch.bfloat16
+    assert module_dtype(bf16.models["sentiment"]) == torch.bfloat16
     texts = [e.text for e in tfns_sentiment("valid")[::16]]
     full, half = classifier.predict(texts), bf16.predict(texts)
     agree = sum(a.sentiment == b.sentiment for a, b in zip(full, half, strict=True)) / len(texts)
@@ -101,12 +103,13 @@ def test_swap_changes_the_version_of_later_batches(classifier: Classifier, tmp_p
     store = AdapterStore(adapters_dir)
     copy = tmp_path / "sentiment" / "sentiment-v99"
     shutil.copytree(store.version_dir("sentiment", store.champion("sentiment")), copy)
-    swapped = TaskModel.load(AdapterStore(tmp_path), "sentiment", "sentiment-v99", ModelConfig(), classifier.device)
+    config = ModelConfig(inference_dtype="float32")
+    swapped = classifier.load(AdapterStore(tmp_path), "sentiment", "sentiment-v99", config)
     previous = classifier.swap(swapped)
     try:
         assert classifier.predict(TEXTS[:1])[0].sentiment_version == "sentiment-v99"
     finally:
-        restored = TaskModel.load(store, "sentiment", previous, ModelConfig(), classifier.device)
+        restored = classifier.load(store, "sentiment", previous, config)
         classifier.swap(restored)
     assert classifier.versions["sentiment"] == previous
 
@@ -144,12 +147,17 @@ def test_training_writes_a_loadable_adapter_and_card(tmp_path: Path) -> None:
         data={"train": "48 tweets"},
     )
     card = json.loads((out / "model_card.json").read_text())
-    assert card["hyperparameters"]["lora_r"] == 4 and card["data"] == {"train": "48 tweets"}
+    assert card["hyperparameters"]["lora_r"] == 4 and card["data"]["train"] == "48 tweets"
+    assert card["data"]["calibration"] == "2 texts of the training split, kept out of training"
     assert set(result.metrics) == {"accuracy", "macro_f1", "n"}
     store = AdapterStore(tmp_path)
     store.set_champion("sentiment", "sentiment-v1")
-    model = TaskModel.load(store, "sentiment", store.champion("sentiment"), ModelConfig(), torch.device("cpu"))
+    trunk = Trunk(ModelConfig(), torch.device("cpu"))
+    model = TaskModel.load(store, "sentiment", store.champion("sentiment"), ModelConfig(), trunk)
     assert model.version == "sentiment-v1"
+    # Only the adapted top layers are the version's own; the ones below are the shared trunk's.
+    assert model.start == 6 - config.adapted_layers and len(model.layers) == config.adapted_layers
+    assert model.temperature == card["metrics"]["calibration"]["temperature"]
 
 
 def test_adapter_config_names_the_base_model_not_a_local_path(tmp_path: Path) -> None:
@@ -167,3 +175,35 @@ def test_adapter_config_names_the_base_model_not_a_local_path(tmp_path: Path) ->
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in (out / "README.md").read_text().splitlines()
+
+
+def test_a_version_adapted_in_every_layer_serves_beside_a_shared_trunk(
+    classifier: Classifier, tmp_path: Path, adapters_dir: Path
+) -> None:
+    """A version with LoRA in lower layers too (the first shipped format) starts at layer 0 and still predicts
+    exactly as peft does, next to a topic model that reads the shared trunk."""
+    from peft import PeftModel
+
+    examples = tfns_sentiment("train")[:32]
+    out = tmp_path / "sentiment" / "sentiment-v7"
+    config = TrainConfig(epochs=1, batch_size=16, lora_r=2, lora_alpha=4, adapted_layers=6)
+    train_adapter("sentiment", examples, examples[:8], out, "sentiment-v7", ModelConfig(), config, data={})
+    model_config = ModelConfig(inference_dtype="float32")
+    every_layer = classifier.load(AdapterStore(tmp_path), "sentiment", "sentiment-v7", model_config)
+    assert every_layer.start == 0 and len(every_layer.layers) == 6
+    previous = classifier.swap(every_layer)
+    try:
+        got = torch.tensor([[p.sentiment_scores[s] for s in SENTIMENTS] for p in classifier.predict(TEXTS)])
+        assert classifier.shared_layers == 0
+    finally:
+        classifier.swap(classifier.load(AdapterStore(adapters_dir), "sentiment", previous, model_config))
+    peft_model = PeftModel.from_pretrained(load_classifier_base(3), str(out)).eval()
+    with torch.inference_mode():
+        logits = peft_model(**load_tokenizer()(TEXTS, padding=True, return_tensors="pt")).logits
+    assert torch.allclose(got, torch.softmax(logits / every_layer.temperature, -1), atol=1e-4)
+
+
+def test_shipped_versions_share_the_lower_layers(classifier: Classifier) -> None:
+    # Both tasks read the trunk's hidden states: the layers below the adapted ones run once per batch.
+    assert classifier.shared_layers == 6 - TrainConfig().adapted_layers
+    assert {model.start for model in classifier.models.values()} == {classifier.shared_layers}

@@ -83,8 +83,8 @@ def test_sync_registers_the_versions_on_disk(registry: Registry, published: Publ
     assert set(rows) == {"sentiment-v1", "topic-v1"}
     v1 = rows["sentiment-v1"]
     assert (v1.status, v1.parent, v1.task) == ("champion", None, "sentiment")
-    assert held_out_accuracy(v1.metrics) == pytest.approx(0.8693, abs=1e-4)  # from the model card
-    assert v1.created_at.isoformat() == "2026-11-30T07:00:00+00:00"
+    assert held_out_accuracy(v1.metrics) == pytest.approx(0.8681, abs=1e-4)  # from the model card
+    assert v1.created_at.isoformat() == "2026-12-02T05:40:00+00:00"
     assert registry.sync() == [] and published == []  # nothing to repair, nothing announced
     assert registry.versions.event_counts() == {}
     assert registry.champions() == {"sentiment": "sentiment-v1", "topic": "topic-v1"}
@@ -346,14 +346,14 @@ def test_models_list_and_show(
     _new_version(root, "sentiment", "sentiment-v1", accuracy=0.91)
     assert cli("list") == 0
     table = capsys.readouterr().out
-    for needle in ("sentiment-v2", "sentiment-v1", "topic-v1", "champion", "retired", "0.9100", "0.8693"):
+    for needle in ("sentiment-v2", "sentiment-v1", "topic-v1", "champion", "retired", "0.9100", "0.8681"):
         assert needle in table
     assert cli("list", "--task", "topic", "--json") == 0
     [row] = json.loads(capsys.readouterr().out)
     assert (row["version"], row["status"], row["parent"]) == ("topic-v1", "champion", None)
     assert cli("show", "sentiment-v1", "--json") == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["serving"] is True and shown["card"]["hyperparameters"]["lora_r"] == 16
+    assert shown["serving"] is True and shown["card"]["hyperparameters"]["lora_r"] == 64
     assert cli("show", "sentiment-v2") == 0
     text = capsys.readouterr().out
     assert "sentiment-v2 (sentiment, retired)" in text and '"parent": "sentiment-v1"' in text
@@ -439,3 +439,55 @@ def test_models_commands_repair_a_crashed_promotion_first(
 
 def test_learner_errors_are_known_to_the_cli() -> None:
     assert issubclass(RegistryError, LearnerError)
+
+
+# --- domains ---------------------------------------------------------------------------------------------------
+
+
+def test_a_domain_promotion_leaves_the_default_champion_and_rolls_back_to_it(
+    registry: Registry, root: Path, published: Published
+) -> None:
+    version = _candidate(registry, "sentiment", "sentiment-v1")
+    change = registry.promote("sentiment", version, "better on the social tweets", domain="social")
+    assert change.previous is None and change.published
+    store = AdapterStore(root)
+    # The default domain is served what it was; the domain has its own champion, on disk and in DuckDB.
+    assert store.champion("sentiment") == "sentiment-v1"
+    assert store.domain_champions("sentiment") == {"default": "sentiment-v1", "social": version}
+    assert registry.versions.champion("sentiment").version == "sentiment-v1"  # type: ignore[union-attr]
+    assert registry.versions.champion("sentiment", "social").version == version  # type: ignore[union-attr]
+    assert registry.versions.champions()["sentiment"] == "sentiment-v1"
+    assert registry.show(version).serving
+    # Nothing earlier of its own: a rollback withdraws the domain's champion, so it serves the default again.
+    back = registry.rollback("sentiment", domain="social")
+    assert back.version == "sentiment-v1" and back.previous == version
+    assert store.domain_champions("sentiment") == {"default": "sentiment-v1"}
+    assert registry.versions.get(version).status == "retired"  # type: ignore[union-attr]
+    assert [(e.outcome, e.domain) for e in registry.versions.events(version=version)] == [
+        ("promoted", "social"),
+        ("rolled_back", "social"),
+    ]
+    with pytest.raises(RegistryError, match="no sentiment champion of its own"):
+        registry.rollback("sentiment", domain="social")
+
+
+def test_sync_repairs_a_domain_pointer_that_duckdb_missed(registry: Registry, root: Path, db: Path) -> None:
+    version = _candidate(registry, "topic", "topic-v1")
+    AdapterStore(root).set_champion("topic", version, "wire")  # a promotion that crashed before DuckDB
+    changes = _registry(root, db, None).sync()
+    assert [(c.task, c.version, c.outcome) for c in changes] == [("topic", version, "promoted")]
+    assert registry.versions.champion("topic", "wire").version == version  # type: ignore[union-attr]
+    assert registry.versions.champion("topic").version == "topic-v1"  # type: ignore[union-attr]
+
+
+def test_domain_names_are_checked_where_they_become_file_names(root: Path) -> None:
+    from learner.domains import DomainTable
+
+    store = AdapterStore(root)
+    with pytest.raises(ModelLoadError, match="not a domain name"):
+        store.set_champion("sentiment", "sentiment-v1", "../escape")
+    with pytest.raises(ValueError, match="not a domain name"):
+        DomainTable({"x": "Has Spaces"})
+    table = DomainTable({"StockTwits": "social"})
+    assert table.domain_of("stocktwits") == "social" and table.domain_of("reuters") == "default"
+    assert table.domain_of(None) == "default" and table.domains == ["default", "social"]
