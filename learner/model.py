@@ -29,6 +29,7 @@ from learner.domains import DEFAULT_DOMAIN
 from learner.encoder import load_classifier_base, load_tokenizer
 from learner.errors import ModelLoadError
 from learner.labels import TASKS, Task, labels_of
+from learner.language import Outcome, read
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -47,6 +48,15 @@ class Prediction:
     topic_confidence: float
     sentiment_version: str
     topic_version: str
+    language: str = "en"  # BCP 47, as the language guard read the text
+    # scored, or why the model's answer is not one (unsupported_language, unreadable): such a prediction carries
+    # the uniform distribution, never a confident label, and is kept out of the sentiment metrics.
+    outcome: Outcome = "scored"
+
+    @property
+    def scored(self) -> bool:
+        """Return True when the model could read the text and its answer counts."""
+        return self.outcome == "scored"
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -255,6 +265,8 @@ class Classifier:
         self.max_length = max_length
         self.device = trunk.device
         self._served: dict[Task, dict[str, TaskModel]] = {task: {DEFAULT_DOMAIN: models[task]} for task in TASKS}
+        self._unknown_id: int | None = getattr(tokenizer, "unk_token_id", None)
+        self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         # Swaps happen on another thread (update listener); a batch must see one consistent set.
         self._lock = threading.Lock()
 
@@ -391,11 +403,25 @@ class Classifier:
         if not texts:
             return []
         served = self._snapshot()
-        probs, versions = self.probabilities(self.encode(texts), batch_size, domains, served)
+        encoded = self.encode(texts)
+        readings = [
+            read(text, ids, self._unknown_id, self._special_ids) for text, ids in zip(texts, encoded, strict=True)
+        ]
+        probs, versions = self.probabilities(encoded, batch_size, domains, served)
         s_labels = served["sentiment"][DEFAULT_DOMAIN].labels
         t_labels = served["topic"][DEFAULT_DOMAIN].labels
-        s_conf, s_idx = probs["sentiment"].max(dim=-1)
-        t_conf, t_idx = probs["topic"].max(dim=-1)
+        # The labels are the model's argmax; what it says of text it cannot read is noise (Chinese scores
+        # `neutral` at 0.96), so those rows carry the uniform distribution instead, flagged by their outcome: no
+        # reader takes them for an answer and the sentiment metrics leave them out.
+        s_idx = probs["sentiment"].argmax(dim=-1)
+        t_idx = probs["topic"].argmax(dim=-1)
+        unread = [i for i, r in enumerate(readings) if r.outcome != "scored"]
+        if unread:
+            index = torch.tensor(unread)
+            for task in probs:
+                probs[task][index] = 1.0 / probs[task].shape[1]
+        s_conf = probs["sentiment"].gather(1, s_idx[:, None]).squeeze(1)
+        t_conf = probs["topic"].gather(1, t_idx[:, None]).squeeze(1)
         rows = probs["sentiment"].tolist()
         return [
             Prediction(
@@ -406,6 +432,8 @@ class Classifier:
                 topic_confidence=float(t_conf[i]),
                 sentiment_version=versions["sentiment"][i],
                 topic_version=versions["topic"][i],
+                language=readings[i].language,
+                outcome=readings[i].outcome,
             )
             for i in range(len(rows))
         ]

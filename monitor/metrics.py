@@ -48,6 +48,15 @@ class ScorerMetrics:
             registry=r,
         )
         self.consumed = Counter("finpulse_messages_consumed", "Messages read from the raw topic.", registry=r)
+        # Kept apart from finpulse_messages_scored, so the sentiment rules never count a text the model could
+        # not read.
+        self.unread = Counter(
+            "finpulse_messages_unread",
+            "Messages stored without a model answer because the encoder cannot read them, by outcome "
+            "(unsupported_language, unreadable) and language.",
+            ["outcome", "language"],
+            registry=r,
+        )
         self.batch_seconds = Histogram(
             "finpulse_batch_seconds",
             "Wall time to handle one batch, by stage.",

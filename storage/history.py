@@ -110,6 +110,8 @@ class NewsRow:
     kafka_topic: str | None = None
     kafka_partition: int | None = None
     kafka_offset: int | None = None
+    language: str | None = None  # BCP 47, as the language guard read it
+    outcome: str | None = None  # scored | unsupported_language | unreadable (None: written before the guard)
 
     def __post_init__(self) -> None:
         """Reject naive datetimes and impossible probabilities; coerce numpy scalars to Python ones."""

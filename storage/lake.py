@@ -70,6 +70,8 @@ from storage.lake_config import LakeConfig, parse_dsn
 from storage.schema import (
     NEWS_COLUMN_NAMES,
     NEWS_COLUMNS,
+    NEWS_COLUMNS_ADDED,
+    NEWS_COLUMNS_V1,
     NULLABLE_NEWS_COLUMNS,
     TIMESTAMP_COLUMNS,
     from_epoch_us_required,
@@ -150,7 +152,7 @@ _NEWS_DDL: Final = (
     "CREATE TABLE IF NOT EXISTS news (\n"
     + ",\n".join(
         f"    {name} {sql_type}{'' if name in NULLABLE_NEWS_COLUMNS else ' NOT NULL'}"
-        for name, sql_type in NEWS_COLUMNS
+        for name, sql_type in NEWS_COLUMNS_V1
     )
     + "\n)"
 )
@@ -233,6 +235,11 @@ _LAKE_MIGRATIONS: Final[tuple[_Migration, ...]] = (
             "CREATE VIEW IF NOT EXISTS news_latest AS SELECT * FROM news "
             "QUALIFY row_number() OVER (PARTITION BY id ORDER BY scored_at DESC, kafka_offset DESC NULLS LAST) = 1",
         ),
+    ),
+    _Migration(
+        2,
+        "news.language and news.outcome",
+        tuple(f"ALTER TABLE news ADD COLUMN {name} {sql_type}" for name, sql_type in NEWS_COLUMNS_ADDED),
     ),
 )
 LAKE_SCHEMA_VERSION: Final[int] = _LAKE_MIGRATIONS[-1].version
@@ -1029,7 +1036,12 @@ class Lake:
                 if "schema_version" in tables:
                     found = src.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()
                     version = _first(found)
-                columns = ", ".join(NEWS_COLUMN_NAMES)
+                present = {str(r[1]) for r in src.execute("PRAGMA table_info('news')").fetchall()}
+                # A file of an older schema lacks the columns added since: they are NULL there, as in the lake.
+                columns = ", ".join(
+                    name if name in present else f"CAST(NULL AS {sql_type}) AS {name}"
+                    for name, sql_type in NEWS_COLUMNS
+                )
                 src.execute(f"COPY (SELECT {columns} FROM news) TO {_literal(str(staging))} (FORMAT parquet)")
                 found = src.execute("SELECT count(*) FROM news").fetchall()
                 return version, _first(found)

@@ -16,7 +16,7 @@ from storage.errors import StorageError
 # The three sentiment probabilities are plain DOUBLE columns rather than one STRUCT: analysts
 # filter and aggregate them directly (`WHERE sentiment_negative > 0.9`), CSV exports stay flat,
 # and each column gets its own min/max zone map.
-NEWS_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+NEWS_COLUMNS_V1: Final[tuple[tuple[str, str], ...]] = (
     ("id", "VARCHAR"),
     ("published_at", "TIMESTAMPTZ"),
     ("source", "VARCHAR"),
@@ -36,6 +36,10 @@ NEWS_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("kafka_partition", "INTEGER"),
     ("kafka_offset", "BIGINT"),
 )
+# Added later (state schema v7, lake schema v2), NULL on the rows written before: the language the guard saw
+# (BCP 47) and whether the model scored the text (scored | unsupported_language | unreadable).
+NEWS_COLUMNS_ADDED: Final[tuple[tuple[str, str], ...]] = (("language", "VARCHAR"), ("outcome", "VARCHAR"))
+NEWS_COLUMNS: Final[tuple[tuple[str, str], ...]] = NEWS_COLUMNS_V1 + NEWS_COLUMNS_ADDED
 
 # The domain of rows whose domain column is NULL (written before domains existed, or of no named domain).
 DEFAULT_DOMAIN: Final = "default"
@@ -46,7 +50,9 @@ TIMESTAMP_COLUMNS: Final[frozenset[str]] = frozenset(
 )
 # `source` is optional in the news.raw contract (stream.messages.OPTIONAL_FIELDS; a test keeps the two in step);
 # `tickers` is optional too but stored as an empty list. The Kafka coordinates are absent for rows written by tools.
-NULLABLE_NEWS_COLUMNS: Final[frozenset[str]] = frozenset({"source", "kafka_topic", "kafka_partition", "kafka_offset"})
+NULLABLE_NEWS_COLUMNS: Final[frozenset[str]] = frozenset(
+    {"source", "kafka_topic", "kafka_partition", "kafka_offset", *(name for name, _ in NEWS_COLUMNS_ADDED)}
+)
 # Schema v1 shipped `source` as NOT NULL; its DDL stays as shipped and migration v4 relaxes it.
 _NULLABLE_V1: Final[frozenset[str]] = frozenset({"kafka_topic", "kafka_partition", "kafka_offset"})
 
@@ -59,7 +65,7 @@ def _news_ddl() -> str:
     # rows against 2.4 MB without it, and slower writes. History.write_batch enforces uniqueness
     # instead, inside a transaction that runs while DuckDB's exclusive write lock is held.
     lines = []
-    for name, sql_type in NEWS_COLUMNS:
+    for name, sql_type in NEWS_COLUMNS_V1:
         constraint = "" if name in _NULLABLE_V1 else " NOT NULL"
         lines.append(f"    {name} {sql_type}{constraint}")
     return "CREATE TABLE news (\n" + ",\n".join(lines) + "\n)"
@@ -241,10 +247,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
         version=4,
         description="news.source is optional, as the news.raw contract says",
-        statements=tuple(
-            f"ALTER TABLE news ALTER COLUMN {name} DROP NOT NULL"
-            for name in sorted(NULLABLE_NEWS_COLUMNS - _NULLABLE_V1)
-        ),
+        statements=("ALTER TABLE news ALTER COLUMN source DROP NOT NULL",),
     ),
     Migration(
         version=5,
@@ -261,6 +264,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS domain VARCHAR"
             for table in ("labels", "experiences", "model_versions", "model_events")
         ),
+    ),
+    Migration(
+        version=7,
+        description="news.language and news.outcome: what the language guard saw",
+        statements=tuple(f"ALTER TABLE news ADD COLUMN IF NOT EXISTS {n} {t}" for n, t in NEWS_COLUMNS_ADDED),
     ),
 )
 

@@ -55,6 +55,7 @@ class ScorerStats:
     first_record_at: float | None = None  # perf_counter() when the first record arrived
     last_batch_at: float | None = None  # perf_counter() when the last batch was committed
     by_sentiment: dict[str, int] = field(default_factory=dict)
+    unread: int = 0  # stored with the outcome unsupported_language or unreadable, no model answer
 
     @property
     def throughput_per_s(self) -> float:
@@ -422,10 +423,14 @@ class Scorer:
         watchlist = set(self.config.watchlist)
         for one in scored:
             item, prediction = one.item, one.prediction
+            m.e2e_lag.observe(max(0.0, (scored_at - item.published_at).total_seconds()))
+            if not prediction.scored:
+                m.unread.labels(outcome=prediction.outcome, language=prediction.language).inc()
+                s.unread += 1
+                continue
             m.scored.labels(topic=prediction.topic, sentiment=prediction.sentiment).inc()
             for ticker in watchlist.intersection(item.tickers):
                 m.ticker_scored.labels(ticker=ticker, sentiment=prediction.sentiment).inc()
-            m.e2e_lag.observe(max(0.0, (scored_at - item.published_at).total_seconds()))
             s.by_sentiment[prediction.sentiment] = s.by_sentiment.get(prediction.sentiment, 0) + 1
         for record in records:
             if record.timestamp is not None and record.timestamp > 0:

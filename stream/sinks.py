@@ -171,6 +171,8 @@ def scored_value(scored: Scored) -> bytes:
             "sentiment_confidence": round(prediction.sentiment_confidence, 6),
             "sentiment_scores": {k: round(v, 6) for k, v in prediction.sentiment_scores.items()},
             "versions": {"sentiment": prediction.sentiment_version, "topic": prediction.topic_version},
+            "language": prediction.language,
+            "outcome": prediction.outcome,
             "scored_at": scored.scored_at.isoformat(),
         },
         ensure_ascii=False,
@@ -199,4 +201,6 @@ def news_row(scored: Scored) -> NewsRow:
         kafka_topic=record.topic,
         kafka_partition=record.partition,
         kafka_offset=record.offset,
+        language=prediction.language,
+        outcome=prediction.outcome,
     )

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from storage import FileHistory, NewsRow, QueryError, StorageConfig
 from storage.lake import Lake, LakeError, extension_path
 from storage.lake_config import LakeConfig
-from storage.schema import MIGRATIONS, NEWS_COLUMN_NAMES
+from storage.schema import MIGRATIONS, NEWS_COLUMN_NAMES, NEWS_COLUMNS_V1
 
 try:
     for _name in ("ducklake", "sqlite", "postgres"):
@@ -532,12 +532,14 @@ def _history_file(tmp_path: Path, version: int, rows: list[NewsRow]) -> Path:
         for statement in migration.statements:
             con.execute(statement)
         con.execute("INSERT INTO schema_version VALUES (?, ?, now())", [migration.version, migration.description])
+    # The columns added since (language, outcome) are absent from files of older schemas.
+    names = [name for name, _ in NEWS_COLUMNS_V1]
     for row in rows:
-        values = [getattr(row, name) for name in NEWS_COLUMN_NAMES]
+        values = [getattr(row, name) for name in names]
         values = [
             v.isoformat() if isinstance(v, dt.datetime) else list(v) if isinstance(v, tuple) else v for v in values
         ]
-        marks = ", ".join("CAST(? AS TIMESTAMPTZ)" if name.endswith("_at") else "?" for name in NEWS_COLUMN_NAMES)
+        marks = ", ".join("CAST(? AS TIMESTAMPTZ)" if name.endswith("_at") else "?" for name in names)
         con.execute(f"INSERT INTO news VALUES ({marks})", values)
     con.close()
     return path

@@ -153,6 +153,59 @@ def test_real_messages_and_malformed_ones(
     assert sum(expected.values()) > 0, "the sample stream mentions watched tickers"
 
 
+# Chinese market headlines (the use case this product comes from), and one mixed Japanese one.
+FOREIGN = [
+    ("zh-1", "沪深两市成交额突破万亿元，券商板块大涨"),
+    ("zh-2", "央行宣布降准0.5个百分点，释放长期资金约1万亿元"),
+    ("ja-1", "日経平均株価が大幅続落、半導体関連株に売り"),
+]
+
+
+def test_text_the_encoder_cannot_read_is_flagged_not_scored_neutral(
+    kafka_bootstrap: str, topics: TopicNames, classifier: Classifier, tmp_path: Path
+) -> None:
+    config = ScorerConfig(group_id=f"g-{uuid.uuid4().hex[:8]}", max_batch=32, max_wait_ms=100)
+    english = news_messages(labelled_stream(20))
+    foreign = [
+        (news_id.encode(), json.dumps({"id": news_id, "text": text, "published_at": "2026-12-01T09:00:00Z"}).encode())
+        for news_id, text in FOREIGN
+    ]
+    produce(kafka_bootstrap, topics.raw, english + foreign)
+    history = History(StorageConfig(duckdb_path=tmp_path / "h.duckdb"))
+    metrics = ScorerMetrics()
+    scorer = Scorer(kafka_bootstrap, topics, config, classifier, history, metrics)
+    try:
+        stats = scorer.run(threading.Event(), until=lambda s: s.consumed >= len(english) + len(foreign))
+    finally:
+        scorer.close()
+
+    assert (stats.scored, stats.unread, stats.dead_lettered) == (23, 3, 0)  # stored, not lost, not scored
+    rows = {
+        str(r[0]): r[1:]
+        for r in history.query("SELECT id, language, outcome, sentiment_confidence, topic_confidence FROM news").rows
+    }
+    for news_id, _ in FOREIGN:
+        language, outcome, s_conf, t_conf = rows[news_id]
+        assert outcome == "unsupported_language" and language == news_id[:2]
+        assert abs(float(str(s_conf)) - 1 / 3) < 1e-6 and abs(float(str(t_conf)) - 1 / 20) < 1e-6  # no answer
+    assert {rows[k][1] for k in rows if not k.startswith(("zh", "ja"))} == {"scored"}
+    # Out of the sentiment series the spike rules read; counted apart.
+    r = metrics.registry
+    total = sum(
+        s.value
+        for f in r.collect()
+        if f.name == "finpulse_messages_scored"
+        for s in f.samples
+        if s.name.endswith("_total")
+    )
+    assert total == 20
+    assert (
+        r.get_sample_value("finpulse_messages_unread_total", {"outcome": "unsupported_language", "language": "zh"}) == 2
+    )
+    scored = {json.loads(v)["id"]: json.loads(v) for v in read_all(kafka_bootstrap, topics.scored)}
+    assert scored["ja-1"]["outcome"] == "unsupported_language" and scored["ja-1"]["language"] == "ja"
+
+
 def _scorer_process(
     bootstrap: str,
     topics: TopicNames,
