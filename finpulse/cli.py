@@ -163,6 +163,9 @@ def build_parser() -> Parser:
     )
     demo.add_argument("--json", action="store_true", help="print only the summary, as one JSON line")
     demo.add_argument("--no-alerts", action="store_true", help="skip Prometheus, Alertmanager and the sell-off alert")
+    demo.add_argument(
+        "--no-learn", action="store_true", help="skip the analysts' labels and the learning round between the parts"
+    )
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks (baseline and finpulse side by side)")
     bench.add_argument(
@@ -414,7 +417,9 @@ def cmd_demo(args: argparse.Namespace, config: AppConfig, console: Console) -> i
     """Run the demo and print its summary."""
     from finpulse.demo import print_summary, run_demo, summary_json
 
-    summary = run_demo(config, args.messages, args.rate, console, quiet=args.json, alerts=not args.no_alerts)
+    summary = run_demo(
+        config, args.messages, args.rate, console, quiet=args.json, alerts=not args.no_alerts, learn=not args.no_learn
+    )
     if args.json:
         sys.stdout.write(summary_json(summary) + "\n")
     else:

@@ -142,6 +142,11 @@ def test_demo_json_summary(
     assert (summary["scored"], summary["dead_lettered"], summary["duplicates"]) == (60 + selloff, 9, 5)
     assert summary["alerts"] is None
     assert summary["throughput_per_s"] > 0 and 0 <= summary["sentiment_accuracy"] <= 1
+    # The analysts labelled the first 60%: 36 labels, fewer than an experience needs (learner.min_labels 50).
+    learning = summary["learning"]
+    assert learning["labels_sent"] == 36 and learning["later_labelled"] == 24
+    assert (learning["promoted"], learning["reason"], summary["promoted"]) == (False, "no experience formed", False)
+    assert 0 <= summary["sentiment_accuracy_before"] <= 1 and 0 <= summary["sentiment_accuracy_after"] <= 1
     assert Path(summary["duckdb_path"]).is_file()
     assert History(StorageConfig(duckdb_path=Path(summary["duckdb_path"]))).count() == 60 + selloff
 
@@ -233,6 +238,7 @@ def test_demo_shows_the_selloff_alert_reaching_its_subscriber(
         str(adapters_dir),
         "--device",
         "cpu",
+        "--no-learn",
     ]
     assert main(argv) == 0
     captured = capsys.readouterr()
