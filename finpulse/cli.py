@@ -72,6 +72,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _domain(text: str) -> str:
+    """Parse a domain name."""
+    from learner.domains import check_domain
+
+    try:
+        return check_domain(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def key_value(text: str) -> tuple[str, str]:
     """Parse `section.field=value`."""
     key, sep, value = text.partition("=")
@@ -109,6 +119,7 @@ def build_parser() -> Parser:
     """Build the argument parser of every sub-command."""
     common = _common()
     parser = Parser(prog="finpulse", description="Real-time financial news monitor that keeps learning.")
+    parser.add_argument("--version", action="version", version=f"finpulse {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     kafka = sub.add_parser("kafka", parents=[common], help="start, stop or inspect the local Kafka broker")
@@ -167,6 +178,37 @@ def build_parser() -> Parser:
         "--no-learn", action="store_true", help="skip the analysts' labels and the learning round between the parts"
     )
 
+    label = sub.add_parser("label", help="send analysts' labels, or list the messages most worth labelling")
+    label_sub = label.add_subparsers(dest="label_action", required=True, parser_class=Parser)
+    label_send = label_sub.add_parser(
+        "send", parents=[common], help="validate labels from a CSV / JSON Lines file or a query, then send them"
+    )
+    source = label_send.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", type=Path, help="CSV with a header, or .jsonl: id, text, sentiment, ...")
+    source.add_argument("--query", help="a history query returning id, text and label columns")
+    label_send.add_argument("--labeller", help="labeller recorded on labels that name none")
+    label_suggest = label_sub.add_parser(
+        "suggest", parents=[common], help="the recent messages the model is least sure of, not labelled yet"
+    )
+    label_suggest.add_argument("--task", choices=["sentiment", "topic"], default="sentiment", help="which task")
+    label_suggest.add_argument("--n", type=positive_int, default=20, help="how many (default 20)")
+    label_suggest.add_argument(
+        "--since-hours", type=positive_float, default=24.0, help="scored within this many hours (default 24)"
+    )
+    label_suggest.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    plot = sub.add_parser("plot", help="pictures of the history (PNG)")
+    plot_sub = plot.add_subparsers(dest="plot_what", required=True, parser_class=Parser)
+    plot_sentiment = plot_sub.add_parser(
+        "sentiment", parents=[common], help="negative share over time vs its baseline, alert firings marked"
+    )
+    plot_sentiment.add_argument("--topic", help="one topic only (default: all news)")
+    plot_sentiment.add_argument("--since", help="from this RFC 3339 time on (default: the whole history)")
+    plot_sentiment.add_argument(
+        "--by", choices=["scored", "published"], default="scored", help="processing time (default) or publication time"
+    )
+    plot_sentiment.add_argument("--out", type=Path, default=Path("results/sentiment.png"), help="PNG to write")
+
     bench = sub.add_parser("bench", parents=[common], help="benchmarks (baseline and finpulse side by side)")
     bench.add_argument(
         "which",
@@ -183,6 +225,11 @@ def build_parser() -> Parser:
     bench.add_argument("--rows", type=positive_int, default=5_000_000, help="history: rows to pre-fill (5M)")
     bench.add_argument("--kills", type=positive_int, help="faults: scorer SIGKILLs (default 5, 2 with --quick)")
     bench.add_argument("--seeds", type=positive_int, help="cl: how many seeds (default 3, 1 with --quick)")
+    bench.add_argument(
+        "--from-champion",
+        action="store_true",
+        help="cl: start from the shipped champion and learn the other domains, global (replay + EWC) and per domain",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON line")
     bench.add_argument("--out", type=Path, help="where to write the JSON result (default results/bench-<which>.json)")
 
@@ -229,12 +276,24 @@ def build_parser() -> Parser:
     )
     models_promote.add_argument("version", help="e.g. sentiment-v2")
     models_promote.add_argument("--reason", help="why, for the model_events log (default: manual promotion)")
+    models_promote.add_argument(
+        "--domain",
+        type=_domain,
+        default="default",
+        help="serve it to this domain only (model.domains; default: default)",
+    )
     models_rollback = models_sub.add_parser(
         "rollback", parents=[common], help="serve the champion's parent (or --to VERSION) again"
     )
     models_rollback.add_argument("task", choices=["sentiment", "topic"])
     models_rollback.add_argument("--to", metavar="VERSION", help="a version that served before (default: the parent)")
     models_rollback.add_argument("--reason", help="why, for the model_events log")
+    models_rollback.add_argument(
+        "--domain",
+        type=_domain,
+        default="default",
+        help="roll back this domain's champion (with nothing earlier of its own, it serves the default's again)",
+    )
 
     sub.add_parser("config", parents=[common], help="print the effective configuration")
     return parser
@@ -342,7 +401,7 @@ def cmd_query(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     elif args.format == "json":
         sys.stdout.write(result.to_json() + "\n")
     else:
-        Console().print(result.to_table(max_rows=args.max_rows))
+        output_console().print(result.to_table(max_rows=args.max_rows))
     return 0
 
 
@@ -356,7 +415,7 @@ def cmd_search(args: argparse.Namespace, config: AppConfig, console: Console) ->
     elif args.format == "json":
         sys.stdout.write(result.to_json() + "\n")
     else:
-        Console().print(result.to_table(max_rows=args.limit))
+        output_console().print(result.to_table(max_rows=args.limit))
     return 0
 
 
@@ -411,6 +470,65 @@ def _utc_time(value: str) -> datetime:
     if parsed is None:
         raise argparse.ArgumentTypeError(f"expected an RFC 3339 time such as 2024-03-01T00:00:00Z, got {value!r}")
     return parsed
+
+
+def cmd_label(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Send labels (validated first), or suggest what to label."""
+    from rich.table import Table
+
+    from finpulse.labelling import MAX_REPORTED, query_rows, read_rows, send, suggestions, to_values
+    from finpulse.runtime import connect
+    from storage import History
+
+    history = History(config.storage)
+    if args.label_action == "suggest":
+        found = suggestions(history, args.task, args.n, args.since_hours)
+        if args.json:
+            for row in found:
+                sys.stdout.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            return 0
+        table = Table(title=f"least confident {args.task} predictions, not labelled yet", title_justify="left")
+        for column in ("id", "confidence", "predicted", "text"):
+            table.add_column(column, overflow="fold")
+        for row in found:
+            table.add_row(str(row["id"]), f"{row['confidence']:.3f}", str(row["predicted"]), str(row["text"]))
+        console.print(table)
+        return 0
+    rows = read_rows(args.file) if args.file is not None else query_rows(history, args.query)
+    values, refused = to_values(rows, args.labeller, config.scorer.max_text_bytes)
+    if refused:
+        for bad in refused[:MAX_REPORTED]:
+            sys.stderr.write(f"finpulse label: {bad.where}: {bad.reason}: {bad.detail}\n")
+        more = f" (and {len(refused) - MAX_REPORTED} more)" if len(refused) > MAX_REPORTED else ""
+        sys.stderr.write(f"finpulse label: {len(refused)} of {len(rows)} labels refused{more}; nothing was sent\n")
+        return 1
+    if not values:
+        sys.stderr.write("finpulse label: no labels to send\n")
+        return 1
+    cluster = connect(config)
+    sent = send(cluster.bootstrap_servers, config.kafka.topics.labels, values)
+    console.print(f"sent {sent} labels to {config.kafka.topics.labels} on {cluster.bootstrap_servers}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Write the PNG of the sentiment series."""
+    from finpulse.plot import draw, sentiment_series
+    from storage import History
+    from stream.messages import parse_timestamp
+
+    since = None
+    if args.since is not None:
+        since = parse_timestamp(args.since)
+        if since is None:
+            sys.stderr.write(f"finpulse plot: --since {args.since[:40]!r} is not RFC 3339 (2026-12-01T09:00:00Z)\n")
+            return 2
+    series = sentiment_series(History(config.storage), args.topic, since, args.by)
+    alerts = f"{len(series.alerts)} alert{'' if len(series.alerts) == 1 else 's'} fired"
+    title = f"negative share, {args.topic or 'all topics'}: {sum(series.volume)} messages, {alerts}"
+    path = draw(series, args.out, title, args.by)
+    console.print(f"written to {path}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
@@ -487,6 +605,9 @@ def _bench_cl(args: argparse.Namespace, config: AppConfig, console: Console) -> 
 
     from learner import benchmark
 
+    if args.from_champion:
+        return _bench_cl_from_champion(args, config, console)
+
     seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
     result = benchmark.run(
         quick=args.quick,
@@ -518,6 +639,32 @@ def _bench_cl(args: argparse.Namespace, config: AppConfig, console: Console) -> 
         )
     console.print(table)
     console.print(f"wall {doc['wall_s']:.0f} s; written to {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _bench_cl_from_champion(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    from rich.table import Table
+
+    from learner.from_champion import run_from_champion
+
+    # Progress lines on stderr whether or not it is a terminal: a run takes minutes.
+    doc = run_from_champion(
+        config.learner, config.model, quick=args.quick, progress=lambda line: console.print(f"bench cl: {line}")
+    )
+    out = args.out or Path("results/bench-cl-from-champion.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return 0
+    table = Table(title=f"from the champion {doc['champion']}: gain per new domain, change on TFNS")
+    domains = list(doc["strategies"]["domain_scoped"]["gain"])
+    for column in ("strategy", *domains, "TFNS change"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for name, s in doc["strategies"].items():
+        table.add_row(name, *(f"{s['gain'][d]:+.3f}" for d in domains), f"{s['tfns_change']:+.3f}")
+    console.print(table)
+    console.print(f"wall {doc['wall_s']:.0f} s; written to {out}")
     return 0
 
 
@@ -613,7 +760,7 @@ def cmd_subscriptions(args: argparse.Namespace, config: AppConfig, console: Cons
         row = (str(sub.id), sub.name, sub.target_url, _filters(sub), mask_secret(sub.secret))
         # Stored rows print as text, never as console markup (a name from an older finpulse may hold "[").
         table.add_row(*(Text(cell) for cell in row), "yes" if sub.active else "no")
-    Console().print(table)
+    output_console().print(table)
     return 0
 
 
@@ -715,9 +862,12 @@ def cmd_models(args: argparse.Namespace, config: AppConfig, console: Console) ->
         from learner.registry import task_of
 
         task = task_of(args.version)
-        change = registry.promote(task, args.version, args.reason or "manual promotion", source="cli")
+        change = registry.promote(
+            task, args.version, args.reason or "manual promotion", source="cli", domain=args.domain
+        )
+        where = "" if args.domain == "default" else f" of domain {args.domain}"
         console.print(
-            f"promoted {change.version}: the {task} champion now (was {change.previous or 'none'})",
+            f"promoted {change.version}: the {task} champion{where} now (was {change.previous or 'none'})",
             highlight=False,
             soft_wrap=True,
         )
@@ -727,9 +877,10 @@ def cmd_models(args: argparse.Namespace, config: AppConfig, console: Console) ->
         )
         _note_unannounced(change, config, console)
     else:
-        change = registry.rollback(args.task, to=args.to, source="cli", reason=args.reason)
+        change = registry.rollback(args.task, to=args.to, source="cli", reason=args.reason, domain=args.domain)
+        where = "" if args.domain == "default" else f" in domain {args.domain}"
         console.print(
-            f"rolled back {args.task}: {change.version} serves again (was {change.previous})",
+            f"rolled back {args.task}{where}: {change.version} serves again (was {change.previous})",
             highlight=False,
             soft_wrap=True,
         )
@@ -763,6 +914,7 @@ def _models_list(registry: Registry, args: argparse.Namespace, console: Console)
     table.add_column("version", no_wrap=True, min_width=14)
     table.add_column("task", no_wrap=True)
     table.add_column("status", no_wrap=True, min_width=9)
+    table.add_column("domain", no_wrap=True)
     for column in ("parent", "created"):
         table.add_column(column, no_wrap=True)
     table.add_column("held-out acc", justify="right", no_wrap=True)
@@ -773,12 +925,13 @@ def _models_list(registry: Registry, args: argparse.Namespace, console: Console)
             row.version,
             row.task,
             row.status,
+            row.domain,
             row.parent or "-",
             row.created_at.strftime("%Y-%m-%d %H:%M"),
             "-" if accuracy is None else f"{accuracy:.4f}",
             row.reason or "",
         )
-    Console().print(table)
+    output_console().print(table)
 
 
 def _models_show(registry: Registry, args: argparse.Namespace) -> None:
@@ -795,7 +948,7 @@ def _models_show(registry: Registry, args: argparse.Namespace) -> None:
     if args.json:
         sys.stdout.write(json.dumps(shown, ensure_ascii=False) + "\n")
         return
-    out = Console()
+    out = output_console()
     row = info.row
     out.print(f"[bold]{row.version}[/bold] ({row.task}, {row.status}{', serving' if info.serving else ''})")
     for name in ("parent", "created_at", "experience_id", "span_start", "span_end", "reason", "status_at"):
@@ -839,6 +992,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AppConfig, Console], int]] = {
     "migrate": cmd_migrate,
     "compact": cmd_compact,
     "demo": cmd_demo,
+    "label": cmd_label,
+    "plot": cmd_plot,
     "bench": cmd_bench,
     "subscribe": cmd_subscribe,
     "unsubscribe": cmd_unsubscribe,
@@ -848,6 +1003,25 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AppConfig, Console], int]] = {
     "learn": cmd_learn,
     "config": cmd_config,
 }
+
+
+# Piped or redirected, rich would assume 80 columns and cut table cells ("consum…"); a file has no width.
+PIPED_WIDTH = 10_000
+
+
+def output_console(stderr: bool = False) -> Console:
+    """Return a console for command output: the terminal's width on a terminal, never truncating when piped."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else PIPED_WIDTH)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("finpulse")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -868,7 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     clientlog.install()  # kafka-python: warnings and errors once per kind per 5 minutes, nothing below
     # With --json, stdout carries only the JSON line; everything for people goes to stderr.
-    console = Console(stderr=bool(getattr(args, "json", False)))
+    console = output_console(stderr=bool(getattr(args, "json", False)))
     try:
         config = load_config(args.config, overrides=_overrides(args))
         return COMMANDS[args.command](args, config, console)
