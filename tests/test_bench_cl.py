@@ -50,3 +50,21 @@ def test_quick_benchmark_prints_one_json_line_writes_its_files_and_shows_forgett
     assert table.startswith("| strategy |") and "| replay_ewc |" in table
     png = out.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_from_champion_learns_each_domain_and_the_scoped_one_leaves_tfns_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Small on purpose (one pass, a 200-example memory): the figures come from the full benchmark.
+    out = tmp_path / "fc.json"
+    argv = ["bench", "cl", "--from-champion", "--quick", "--json", "--out", str(out)]
+    argv += ["--set", "learner.epochs=1", "--set", "learner.replay_size=200"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    scoped, shared = doc["strategies"]["domain_scoped"], doc["strategies"]["replay_ewc"]
+    assert list(scoped["gain"]) == list(shared["gain"]) == ["sentfin", "stock_tweets"]
+    # What the default domain is served did not change, measured on the TFNS test set.
+    assert scoped["tfns_change"] == 0.0
+    assert all(-1 <= g <= 1 for s in (scoped, shared) for g in s["gain"].values())
+    assert -1 <= shared["tfns_change"] <= 1 and set(shared["gate"]) == {"sentfin", "stock_tweets"}
+    assert json.loads(out.read_text(encoding="utf-8"))["champion"] == "sentiment-v1"

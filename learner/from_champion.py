@@ -1,0 +1,151 @@
+"""`finpulse bench cl --from-champion`: learn the shared data's other domains starting from the shipped champion.
+
+`bench cl` trains fresh adapters, which hides what users meet: a champion that already knows TFNS and labels
+from a domain that labels differently. Here the learner's own trainer (`learner.trainer.train_candidate`, the
+code `finpulse learn` runs) continues the shipped sentiment champion on each new domain of the `bench cl`
+sequence (SEntFiN headlines, then the stock-market tweets) in two ways:
+
+* `replay_ewc`, one global adapter: each domain is learnt into the same version with replay of the TFNS memory
+  and online EWC, so every domain, TFNS included, is served the result;
+* `domain_scoped`: each domain gets its own version, trained from the champion, served to that domain only; TFNS
+  (the default domain) keeps being served the champion.
+
+Reported per strategy: the gain on each new domain's test set (the version serving that domain against the
+champion) and the change on TFNS (the version serving the default domain against the champion), with the gate's
+decision on each candidate. Every trained version lives in a scratch copy of the adapters.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.adapters import AdapterStore
+from learner.benchmark import FULL, QUICK, ExperienceData, sequence
+from learner.config import ContinualConfig, ModelConfig
+from learner.datasets import Example
+from learner.encoder import load_tokenizer
+from learner.experience import bootstrap_slices, split_holdout
+from learner.gate import decide
+from learner.labels import labels_of
+from learner.model import TaskModel, Trunk, resolve_device
+from learner.trainer import ExperienceSlices, train_candidate
+
+Progress = Callable[[str], None]
+
+
+def run_from_champion(
+    config: ContinualConfig,
+    model_config: ModelConfig,
+    *,
+    quick: bool = False,
+    data_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run both strategies from the shipped sentiment champion; return the JSON document."""
+    say = progress or (lambda _line: None)
+    started = time.perf_counter()
+    experiences = sequence(QUICK if quick else FULL, data_dir)
+    tfns, new_domains = experiences[0], experiences[1:]
+    with tempfile.TemporaryDirectory(prefix="finpulse-from-champion-") as scratch:
+        root = Path(scratch) / "adapters"
+        shutil.copytree(model_config.adapters_dir / "sentiment", root / "sentiment", ignore=_staging)
+        store = AdapterStore(root)
+        mc = model_config.model_copy(update={"adapters_dir": root})
+        champion = store.champion("sentiment")
+        judge = _Judge(store, mc)
+        base = {e.name: judge.accuracy(champion, e.test) for e in experiences}
+        say(f"champion {champion}: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
+        memory, tfns_holdout = bootstrap_slices("sentiment", config.replay_size, config.seed, data_dir)
+        exp0 = ExperienceSlices(0, [(t, y) for _, t, y in memory], [(t, y) for _, t, y in tfns_holdout])
+        seed_memory = [(t, y) for _, t, y in memory]
+
+        # One global adapter: every domain learnt into it, in turn, with replay + EWC.
+        current, earlier, gates = champion, [exp0], {}
+        for number, domain in enumerate(new_domains, start=1):
+            slices = _slices(number, domain, config, "default")
+            say(f"replay_ewc: learning {domain.name} from {current}…")
+            candidate = train_candidate(
+                "sentiment", store, current, slices, earlier, config, mc, seed_memory=seed_memory
+            )
+            gates[domain.name] = decide(candidate.new, candidate.earlier, config.min_gain, config.max_forgetting)
+            current, earlier = candidate.version, [*earlier, slices]
+        global_final = {e.name: judge.accuracy(current, e.test) for e in experiences}
+        replay_ewc = {
+            "gain": {d.name: round(global_final[d.name] - base[d.name], 4) for d in new_domains},
+            "tfns_change": round(global_final[tfns.name] - base[tfns.name], 4),
+            "version": current,
+            "gate": {name: {"promote": g.promote, "reason": g.reason} for name, g in gates.items()},
+        }
+
+        # A version per domain, from the champion; the default domain keeps the champion.
+        scoped_gain, scoped_gates = {}, {}
+        for number, domain in enumerate(new_domains, start=len(new_domains) + 1):
+            slices = _slices(number, domain, config, domain.name)
+            say(f"domain_scoped: learning {domain.name} from {champion}…")
+            candidate = train_candidate("sentiment", store, champion, slices, [], config, mc)
+            decision = decide(candidate.new, candidate.earlier, config.min_gain, config.max_forgetting)
+            scoped_gates[domain.name] = {"promote": decision.promote, "reason": decision.reason}
+            scoped_gain[domain.name] = round(judge.accuracy(candidate.version, domain.test) - base[domain.name], 4)
+        # Measured, not assumed: what the default domain is served (the champion) on the TFNS test set.
+        served_default = judge.accuracy(store.champion("sentiment"), tfns.test)
+        domain_scoped = {
+            "gain": scoped_gain,
+            "tfns_change": round(served_default - base[tfns.name], 4),
+            "gate": scoped_gates,
+        }
+    return {
+        "benchmark": "cl_from_champion",
+        "champion": champion,
+        "champion_accuracy": {k: round(v, 4) for k, v in base.items()},
+        "strategies": {"replay_ewc": replay_ewc, "domain_scoped": domain_scoped},
+        "sizes": {e.name: {"train": len(e.train), "test": len(e.test)} for e in experiences},
+        "config": config.model_dump(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def _slices(number: int, domain: ExperienceData, config: ContinualConfig, name: str) -> ExperienceSlices:
+    rows = [(f"{domain.name}-{i}", e.text, e.label) for i, e in enumerate(domain.train)]
+    train, holdout = split_holdout(rows, config.holdout_fraction, config.seed + number)
+    return ExperienceSlices(number, [(t, y) for _, t, y in train], [(t, y) for _, t, y in holdout], name)
+
+
+def _staging(directory: str, names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith(".tmp-") or n.endswith(".tmp")]
+
+
+class _Judge:
+    """Accuracy of any version on labelled examples, with the scorers' engine (trunk + the version's top)."""
+
+    def __init__(self, store: AdapterStore, config: ModelConfig) -> None:
+        self.store = store
+        self.config = config
+        self.trunk = Trunk(config, resolve_device("cpu"))
+        self.tokenizer = load_tokenizer(config.base_model)
+
+    def accuracy(self, version: str, examples: Sequence[Example], batch_size: int = 64) -> float:
+        model = TaskModel.load(self.store, "sentiment", version, self.config, self.trunk)
+        labels = labels_of("sentiment")
+        encoded = self.tokenizer([e.text for e in examples], truncation=True, max_length=self.config.max_length)
+        ids_all: list[list[int]] = encoded["input_ids"]
+        correct = 0
+        order = sorted(range(len(examples)), key=lambda i: len(ids_all[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids_all[i]) for i in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, : len(ids_all[i])] = torch.tensor(ids_all[i])
+                mask[row, : len(ids_all[i])] = 1
+            hidden, extended = self.trunk.hidden_states(ids, mask, [model.start])
+            predicted = model.probabilities(hidden[model.start], extended).argmax(-1).tolist()
+            correct += sum(labels[p] == examples[i].label for p, i in zip(predicted, chunk, strict=True))
+        return correct / max(1, len(examples))
