@@ -165,6 +165,7 @@ class AlertStack:
             self.dispatcher.webhook_url, bearer_token=self._settings.token, bearer_token_file=self._settings.token_file
         )
         self.prometheus.start(scrape_targets, alertmanager_url=alertmanager_url, rules=self.rules)
+        self.dispatcher.use_prometheus(self.prometheus.url)
         return self
 
     def wait_scraped(self, timeout_s: float = 30.0) -> bool:

@@ -75,6 +75,8 @@ class DemoSummary:
     sample_query: str
     bootstrap_servers: str
     alerts: dict[str, Any] | None
+    # Every alert the dispatcher received firing during the run, whoever it was routed to.
+    fired: list[dict[str, Any]]
 
 
 def demo_topics(run_id: str) -> TopicNames:
@@ -248,6 +250,13 @@ def run_demo(
         before = round(accuracy(truth, [p.sentiment for p in default]), 4)
         after = round(accuracy(truth, [str(predicted[li.item.id]) for li in judged]), 4)
     delete_topics(cluster.bootstrap_servers, [t.raw, t.scored, t.dlq, t.labels, t.updates])
+    fired = [
+        {"alertname": str(name), "about": str(about), "severity": str(severity), "notifications": int(str(n))}
+        for name, about, severity, n in history.query(
+            "SELECT alertname, coalesce(topic, ticker, '') AS about, max(severity) AS severity, count(*) AS n "
+            "FROM alerts WHERE status = 'firing' GROUP BY ALL ORDER BY min(received_at)"
+        ).rows
+    ]
     sample = (
         "SELECT sentiment, count(*) AS n, round(avg(sentiment_confidence), 3) AS confidence "
         "FROM news GROUP BY 1 ORDER BY 2 DESC"
@@ -277,6 +286,7 @@ def run_demo(
         sample_query=sample,
         bootstrap_servers=cluster.bootstrap_servers,
         alerts=asdict(alert) if alert is not None else None,
+        fired=fired,
     )
 
 
@@ -447,6 +457,13 @@ def print_summary(summary: DemoSummary, console: Console) -> None:
         ("Kafka", summary.bootstrap_servers),
     ]
     rows.append(("alert", _alert_line(summary.alerts)))
+    if summary.fired:
+        rows.append(
+            (
+                "alerts fired",
+                "; ".join(f"{f['alertname']} {f['about']} ({f['severity']})".replace("  ", " ") for f in summary.fired),
+            )
+        )
     for what, value in rows:
         table.add_row(what, str(value))
     console.print(table)

@@ -117,6 +117,11 @@ class DispatcherConfig(BaseModel):
     )
     max_backoff_s: float = Field(60.0, gt=0, description="Longest wait between two attempts.")
     timeout_s: float = Field(5.0, gt=0, description="Seconds one delivery request may take before it counts as failed.")
+    prometheus_url: str | None = Field(
+        None,
+        description="Prometheus to read the current negative share from when an alert resolves, so the "
+        "RESOLVED message states the share now, not the one it fired on (env FINPULSE_DISPATCHER__PROMETHEUS_URL).",
+    )
 
     @model_validator(mode="after")
     def _backoff_bounds(self) -> Self:

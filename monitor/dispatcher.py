@@ -53,8 +53,9 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Final
@@ -238,6 +239,12 @@ class Dispatcher:
         self._token_digest: bytes | None = None
         # Secrets given at first delivery to subscriptions stored before schema v5, by subscription id.
         self._secrets: dict[int, str] = {}
+        self._prometheus_url = config.prometheus_url.rstrip("/") if config.prometheus_url else None
+
+    def use_prometheus(self, url: str | None) -> None:
+        """Read the current share of resolved alerts from this Prometheus (a local stack knows it only once
+        Prometheus started, after the dispatcher)."""
+        self._prometheus_url = url.rstrip("/") if url else None
         self._tls = ssl.create_default_context()
 
     @property
@@ -341,6 +348,7 @@ class Dispatcher:
         """Handle one webhook body: record, claim, enqueue; return the HTTP status and the JSON answer."""
         received_at = dt.datetime.now(dt.UTC)
         envelope, alerts, error = _parse_notification(body)
+        alerts = restate_resolved(alerts, self._prometheus_url)
         rejected = [
             {"index": index, "reason": alert.error} for index, alert in enumerate(alerts) if alert.error is not None
         ]
@@ -1055,6 +1063,63 @@ def subscriber_payload(claim: Claim) -> dict[str, Any]:
         "subscription": claim.subscription.name,
         "text": alert_text(alert),
     }
+
+
+def restate_resolved(alerts: list[AlertRecord], prometheus_url: str | None) -> list[AlertRecord]:
+    """Give resolved alerts a summary of now: Alertmanager resends the annotations of the last firing
+    evaluation, so a resolved message would repeat the numbers that made it fire."""
+    out: list[AlertRecord] = []
+    asked = 0
+    for alert in alerts:
+        if alert.status != "resolved" or alert.error is not None:
+            out.append(alert)
+            continue
+        now: str | None = None
+        if asked < _RESTATE_MAX:  # a huge resolved group must not hold the webhook answer up
+            asked += 1
+            now = current_share(alert, prometheus_url)
+        was = alert.summary
+        text = now or "Resolved"
+        summary = f"{text} (when it fired: {was})" if was else text
+        annotations = {**dict(alert.annotations), "summary": summary, "fired_summary": was}
+        out.append(replace(alert, summary=summary, annotations=annotations))
+    return out
+
+
+def current_share(alert: AlertRecord, prometheus_url: str | None) -> str | None:
+    """Return 'Resolved: ... now X% of N posts ... vs Y% baseline' from Prometheus, or None if unknown."""
+    if prometheus_url is None:
+        return None
+    kind, value = ("topic", alert.topic) if alert.topic else ("ticker", alert.ticker)
+    if not value:
+        return None
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    selector = f'{{{kind}="{escaped}"}}'
+    found: dict[str, float] = {}
+    for name, expr in (
+        ("share", f"finpulse:{kind}_negative_share:window{selector}"),
+        ("baseline", f"finpulse:{kind}_negative_share:baseline{selector}"),
+        ("volume", f"finpulse:{kind}_volume:window{selector}"),
+    ):
+        query = urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(f"{prometheus_url}/api/v1/query?{query}", timeout=2) as answer:
+                result = json.loads(answer.read()).get("data", {}).get("result", [])
+            if result:
+                found[name] = float(result[0]["value"][1])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            log.debug(_kv(event="resolved_share_unknown", expr=expr, error=str(e)))
+            return None
+    if "share" not in found:
+        return f"Resolved: no {kind} {value} posts in the window any more"
+    baseline = f"{found['baseline'] * 100:.0f}% baseline" if "baseline" in found else "no baseline yet"
+    volume = f" of {found['volume']:.0f} posts" if "volume" in found else ""
+    share = f"{found['share'] * 100:.0f}%"
+    return f"Resolved: negative share on {value} now {share}{volume} in the window vs {baseline}"
+
+
+# Resolved alerts of one notification whose current share is read from Prometheus (2 s per query at most).
+_RESTATE_MAX = 20
 
 
 def alert_text(alert: AlertRecord) -> str:

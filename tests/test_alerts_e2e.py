@@ -143,6 +143,11 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
     assert alert["labels"]["alertname"] == "NegativeSentimentSpike" and alert["labels"]["topic"] == SPIKE_TOPIC
     assert SPIKE_TOPIC in alert["annotations"]["summary"] and "SELECT" in alert["annotations"]["evidence"]
     assert len(subscribers.of("energy-desk", "resolved")) == 1
+    # The all-clear states the share now, read from Prometheus, not the numbers it fired on.
+    resolved = subscribers.of("energy-desk", "resolved")[0].body["annotations"]
+    assert resolved["summary"].startswith(f"Resolved: negative share on {SPIKE_TOPIC} now "), resolved["summary"]
+    assert "(when it fired: Negative sentiment on" in resolved["summary"]
+    assert resolved["fired_summary"] == alert["annotations"]["summary"]
     assert subscribers.of("fed-desk") == []
     assert len(subscribers.of("flaky-desk", "firing")) == 1
 

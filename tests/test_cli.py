@@ -140,7 +140,7 @@ def test_demo_json_summary(
     selloff = summary["messages"] - 60  # the oil sell-off segment follows the 60 labelled messages
     assert selloff > 100
     assert (summary["scored"], summary["dead_lettered"], summary["duplicates"]) == (60 + selloff, 9, 5)
-    assert summary["alerts"] is None
+    assert summary["alerts"] is None and summary["fired"] == []
     assert summary["throughput_per_s"] > 0 and 0 <= summary["sentiment_accuracy"] <= 1
     # The analysts labelled the first 60%: 36 labels, fewer than an experience needs (learner.min_labels 50).
     learning = summary["learning"]
@@ -242,7 +242,10 @@ def test_demo_shows_the_selloff_alert_reaching_its_subscriber(
     ]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    alerts = json.loads(captured.out.strip())["alerts"]
+    summary = json.loads(captured.out.strip())
+    alerts = summary["alerts"]
+    # Every alert that fired is in the summary, whoever it was routed to.
+    assert ("NegativeSentimentSpike", "Energy / Oil") in {(f["alertname"], f["about"]) for f in summary["fired"]}
     assert alerts["topic"] == "Energy / Oil" and alerts["subscriber"] == "energy-desk"
     assert 0 < alerts["fired_after_s"] <= 60
     assert alerts["resolved_after_s"] is not None and alerts["resolved_after_s"] > alerts["fired_after_s"]

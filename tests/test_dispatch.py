@@ -889,3 +889,27 @@ def test_a_name_resolving_to_a_refused_address_is_given_up_unsent(
             attempts = "finpulse_dispatcher_delivery_attempts_total"
             assert registry.get_sample_value(attempts, {**labels, "outcome": outcome}) == 0
     assert sneaky.id is not None
+
+
+def test_a_resolved_alert_does_not_repeat_the_numbers_it_fired_on() -> None:
+    import datetime as _dt
+
+    from monitor.dispatcher import restate_resolved
+    from storage.alerts import AlertRecord
+
+    fired = "Negative sentiment on Energy / Oil: 91% of 120 posts in the last 5m vs 20% baseline"
+    at = _dt.datetime(2026, 12, 1, 9, 0, tzinfo=_dt.UTC)
+    record = AlertRecord(
+        fingerprint="f",
+        status="resolved",
+        topic="Energy / Oil",
+        summary=fired,
+        annotations={"summary": fired},
+        starts_at=at,
+    )
+    still = AlertRecord(fingerprint="g", status="firing", topic="Energy / Oil", summary=fired, starts_at=at)
+    # No Prometheus to ask (or it does not answer): the text says plainly which numbers are from the firing.
+    [resolved, firing] = restate_resolved([record, still], "http://127.0.0.1:9")
+    assert resolved.summary == f"Resolved (when it fired: {fired})"
+    assert resolved.annotations["summary"] == resolved.summary and resolved.annotations["fired_summary"] == fired
+    assert firing.summary == fired
