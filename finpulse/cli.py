@@ -226,6 +226,12 @@ def build_parser() -> Parser:
     bench.add_argument("--kills", type=positive_int, help="faults: scorer SIGKILLs (default 5, 2 with --quick)")
     bench.add_argument("--seeds", type=positive_int, help="cl: how many seeds (default 3, 1 with --quick)")
     bench.add_argument(
+        "--memory-fraction",
+        type=positive_float,
+        default=0.1,
+        help="cl: replay memory as a share of the examples seen (default 0.1; capped by learner.replay_size)",
+    )
+    bench.add_argument(
         "--from-champion",
         action="store_true",
         help="cl: start from the shipped champion and learn the other domains, global (replay + EWC) and per domain",
@@ -616,6 +622,7 @@ def _bench_cl(args: argparse.Namespace, config: AppConfig, console: Console) -> 
         model_config=config.model,
         train_config=config.train,
         show_progress=not args.json and sys.stderr.isatty(),
+        memory_fraction=args.memory_fraction,
     )
     doc = result.to_dict()
     out = args.out or Path("results/bench-cl-quick.json" if args.quick else "results/bench-cl.json")

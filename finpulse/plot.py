@@ -33,7 +33,7 @@ class Series:
 
     starts: list[dt.datetime]
     volume: list[int]
-    share: list[float]
+    share: list[float]  # NaN where the bucket is empty
     baseline: list[float | None]
     alerts: list[tuple[dt.datetime, str]]
     bucket_s: int
@@ -64,12 +64,16 @@ def sentiment_series(
         f"sum(CASE WHEN sentiment = 'negative' THEN 1 ELSE 0 END) AS neg FROM news WHERE {condition} "
         "GROUP BY 1 ORDER BY 1"
     ).rows
-    starts = [dt.datetime.fromtimestamp(int(str(r[0])), dt.UTC) for r in rows]
-    volume = [int(str(r[1])) for r in rows]
-    negative = [int(str(r[2])) for r in rows]
-    share = [neg / n if n else 0.0 for neg, n in zip(negative, volume, strict=True)]
+    # Every bucket of the span, empty ones included: a line must break where no news came, not cross the gap.
+    counts = {int(str(r[0])): (int(str(r[1])), int(str(r[2]))) for r in rows}
+    first_bucket, last_bucket = min(counts), max(counts)
+    buckets = range(first_bucket, last_bucket + bucket_s, bucket_s)
+    starts = [dt.datetime.fromtimestamp(b, dt.UTC) for b in buckets]
+    volume = [counts.get(b, (0, 0))[0] for b in buckets]
+    negative = [counts.get(b, (0, 0))[1] for b in buckets]
+    share = [neg / n if n else float("nan") for neg, n in zip(negative, volume, strict=True)]
     baseline: list[float | None] = []
-    for i in range(len(rows)):
+    for i in range(len(starts)):
         lo = max(0, i - BASELINE_BUCKETS)
         n = sum(volume[lo:i])
         baseline.append(sum(negative[lo:i]) / n if n else None)
@@ -122,7 +126,7 @@ def draw(series: Series, path: Path, title: str, by: TimeColumn = "scored") -> P
     fig.autofmt_xdate()
     handles, labels = share_ax.get_legend_handles_labels()
     more_handles, more_labels = volume_ax.get_legend_handles_labels()
-    share_ax.legend(handles + more_handles, labels + more_labels, loc="upper left", fontsize=8, framealpha=0.9)
+    share_ax.legend(handles + more_handles, labels + more_labels, loc="best", fontsize=8, framealpha=0.9)
     share_ax.set_title(title, fontsize=10, loc="left")
     fig.tight_layout()
     try:
