@@ -22,7 +22,7 @@ typecheck: venv
 unit: venv kafka-jars
 	$(BIN)/python -m pytest -q
 
-bootstrap: venv                  ## retrain the shipped adapters (about 25 min on a 2-core CPU)
+bootstrap: venv                  ## retrain the shipped adapters (about 20 min on a 2-core CPU)
 	$(BIN)/finpulse bootstrap
 
 bench: venv kafka-jars           ## scorer throughput: finpulse vs a naive per-message pipeline
