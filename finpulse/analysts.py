@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from kafka import KafkaProducer
 from rich.console import Console
 
 from finpulse.config import AppConfig
+from finpulse.labelling import send
 from finpulse.learn import Learner, Outcome
 from finpulse.replay import LabelledItem
 from stream.labels import label_value
@@ -41,24 +41,16 @@ class LearningOutcome:
 
 def send_labels(config: AppConfig, bootstrap: str, items: Sequence[LabelledItem]) -> int:
     """Send the sentiment labels of `items` to `news.labels`; return how many were acknowledged."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     labelled_at = datetime.now(UTC).isoformat()
-    try:
-        futures = [
-            producer.send(
-                config.kafka.topics.labels,
-                key=li.item.id.encode("utf-8"),
-                value=label_value(li.item.id, li.item.text, labelled_at, sentiment=li.sentiment, labeller=LABELLER),
-            )
-            for li in items
-            if li.sentiment is not None
-        ]
-        producer.flush(timeout=30)
-        for future in futures:
-            future.get(timeout=30)
-    finally:
-        producer.close(timeout=10)
-    return len(futures)
+    values = [
+        (
+            li.item.id.encode("utf-8"),
+            label_value(li.item.id, li.item.text, labelled_at, sentiment=li.sentiment, labeller=LABELLER),
+        )
+        for li in items
+        if li.sentiment is not None
+    ]
+    return send(bootstrap, config.kafka.topics.labels, values)
 
 
 def label_and_learn(

@@ -24,17 +24,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from learner.adapters import AdapterStore
 from learner.benchmark import FULL, QUICK, ExperienceData, sequence
 from learner.config import ContinualConfig, ModelConfig
 from learner.datasets import Example
-from learner.encoder import load_tokenizer
+from learner.domains import DEFAULT_DOMAIN
 from learner.experience import bootstrap_slices, split_holdout
 from learner.gate import decide
 from learner.labels import labels_of
-from learner.model import TaskModel, Trunk, resolve_device
+from learner.model import Classifier
 from learner.trainer import ExperienceSlices, train_candidate
 
 Progress = Callable[[str], None]
@@ -55,7 +53,7 @@ def run_from_champion(
     tfns, new_domains = experiences[0], experiences[1:]
     with tempfile.TemporaryDirectory(prefix="finpulse-from-champion-") as scratch:
         root = Path(scratch) / "adapters"
-        shutil.copytree(model_config.adapters_dir / "sentiment", root / "sentiment", ignore=_staging)
+        shutil.copytree(model_config.adapters_dir, root, ignore=_staging)  # topic too: the judge's classifier loads it
         store = AdapterStore(root)
         mc = model_config.model_copy(update={"adapters_dir": root})
         champion = store.champion("sentiment")
@@ -127,25 +125,13 @@ class _Judge:
     def __init__(self, store: AdapterStore, config: ModelConfig) -> None:
         self.store = store
         self.config = config
-        self.trunk = Trunk(config, resolve_device("cpu"))
-        self.tokenizer = load_tokenizer(config.base_model)
+        self.classifier = Classifier.from_store(config, "cpu")
 
-    def accuracy(self, version: str, examples: Sequence[Example], batch_size: int = 64) -> float:
-        model = TaskModel.load(self.store, "sentiment", version, self.config, self.trunk)
+    def accuracy(self, version: str, examples: Sequence[Example]) -> float:
+        model = self.classifier.load(self.store, "sentiment", version, self.config)
+        probs, _ = self.classifier.probabilities(
+            self.classifier.encode([e.text for e in examples]), served={"sentiment": {DEFAULT_DOMAIN: model}}
+        )
         labels = labels_of("sentiment")
-        encoded = self.tokenizer([e.text for e in examples], truncation=True, max_length=self.config.max_length)
-        ids_all: list[list[int]] = encoded["input_ids"]
-        correct = 0
-        order = sorted(range(len(examples)), key=lambda i: len(ids_all[i]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            width = max(len(ids_all[i]) for i in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, : len(ids_all[i])] = torch.tensor(ids_all[i])
-                mask[row, : len(ids_all[i])] = 1
-            hidden, extended = self.trunk.hidden_states(ids, mask, [model.start])
-            predicted = model.probabilities(hidden[model.start], extended).argmax(-1).tolist()
-            correct += sum(labels[p] == examples[i].label for p, i in zip(predicted, chunk, strict=True))
-        return correct / max(1, len(examples))
+        predicted = probs["sentiment"].argmax(-1).tolist()
+        return sum(labels[p] == e.label for p, e in zip(predicted, examples, strict=True)) / max(1, len(examples))
