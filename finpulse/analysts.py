@@ -20,6 +20,7 @@ from finpulse.config import AppConfig
 from finpulse.labelling import send
 from finpulse.learn import Learner, Outcome
 from finpulse.replay import LabelledItem
+from stream.connection import Target
 from stream.labels import label_value
 from stream.scorer import Scorer
 
@@ -39,7 +40,7 @@ class LearningOutcome:
     wall_s: float
 
 
-def send_labels(config: AppConfig, bootstrap: str, items: Sequence[LabelledItem]) -> int:
+def send_labels(config: AppConfig, bootstrap: Target, items: Sequence[LabelledItem]) -> int:
     """Send the sentiment labels of `items` to `news.labels`; return how many were acknowledged."""
     labelled_at = datetime.now(UTC).isoformat()
     values = [
@@ -54,7 +55,7 @@ def send_labels(config: AppConfig, bootstrap: str, items: Sequence[LabelledItem]
 
 
 def label_and_learn(
-    config: AppConfig, bootstrap: str, items: Sequence[LabelledItem], domain: str, group_id: str, console: Console
+    config: AppConfig, bootstrap: Target, items: Sequence[LabelledItem], domain: str, group_id: str, console: Console
 ) -> LearningOutcome:
     """Label `items`, run one learning round of the sentiment task and return what it decided."""
     started = time.perf_counter()

@@ -33,6 +33,7 @@ from learner.model import Classifier, Prediction, load_merged, module_dtype, set
 from monitor.metrics import ScorerMetrics
 from storage import History, StorageConfig
 from stream.admin import delete_topics, ensure_topics
+from stream.connection import Target, client_kwargs
 from stream.messages import NewsItem, parse_news
 from stream.scorer import Scorer
 from stream.sinks import Scored, news_row, scored_value
@@ -63,7 +64,7 @@ class PipelineBaseline:
         self,
         models: dict[str, PreTrainedModel],
         classifier: Classifier,
-        bootstrap: str,
+        bootstrap: Target,
         topic: str,
         scored_topic: str,
         history: History,
@@ -91,7 +92,7 @@ class PipelineBaseline:
         self.scored_topic = scored_topic
         self.consumer = KafkaConsumer(
             topic,
-            bootstrap_servers=bootstrap,
+            **client_kwargs(bootstrap),
             group_id=f"bench-baseline-{uuid.uuid4().hex[:6]}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -99,7 +100,7 @@ class PipelineBaseline:
             # Set like the scorer's: a first batch of per-message calls on a loaded CPU outlasts the 300 s default.
             max_poll_interval_ms=600_000,
         )
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        self.producer = KafkaProducer(**client_kwargs(bootstrap), acks="all", linger_ms=5)
 
     def _label(self, task: str, output: dict[str, Any]) -> tuple[str, float]:
         labels = labels_of(cast(Task, task))
@@ -162,9 +163,9 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
     run_id = uuid.uuid4().hex[:8]
     cluster = connect(config)
     raw, scored = f"bench.{run_id}.news.raw", f"bench.{run_id}.news.scored"
-    ensure_topics(cluster.bootstrap_servers, [raw, scored], config.kafka.partitions)
+    ensure_topics(cluster.connection, [raw, scored], config.kafka.partitions)
     items = labelled_stream(messages)
-    producer = ReplayProducer(cluster.bootstrap_servers, raw, news_messages(items), rate=0)
+    producer = ReplayProducer(cluster.connection, raw, news_messages(items), rate=0)
     producer.start()
     producer.join()
     if producer.error is not None:
@@ -188,7 +189,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
     baseline = PipelineBaseline(
         {str(t): m for t, m in naive_models.items()},
         classifier,
-        cluster.bootstrap_servers,
+        cluster.connection,
         raw,
         scored,
         base_history,
@@ -202,7 +203,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
     fp_history = History(StorageConfig(duckdb_path=workdir / f"bench-{run_id}-finpulse.duckdb"))
     topics = config.kafka.topics.model_copy(update={"raw": raw, "scored": scored, "dlq": f"bench.{run_id}.news.dlq"})
     scorer_config = config.scorer.model_copy(update={"group_id": f"bench-finpulse-{run_id}"})
-    scorer = Scorer(cluster.bootstrap_servers, topics, scorer_config, classifier, fp_history, ScorerMetrics())
+    scorer = Scorer(cluster.connection, topics, scorer_config, classifier, fp_history, ScorerMetrics())
     scorer_batch = scorer.inference_batch
     console.print("bench: finpulse scorer…")
     stats = scorer.run(threading.Event(), until=lambda s: s.consumed >= len(items))
@@ -211,7 +212,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
     )
     stages = _stage_seconds(scorer, results[-1].seconds)
     scorer.close()
-    delete_topics(cluster.bootstrap_servers, [raw, scored, topics.dlq])
+    delete_topics(cluster.connection, [raw, scored, topics.dlq])
     console.print("bench: model ceiling (the same engine on pre-tokenised batches)…")
     ceiling = model_ceiling(classifier, [li.item.text for li in items], config.scorer.max_batch, scorer_batch)
 

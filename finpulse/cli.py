@@ -512,7 +512,7 @@ def cmd_label(args: argparse.Namespace, config: AppConfig, console: Console) -> 
         sys.stderr.write("finpulse label: no labels to send\n")
         return 1
     cluster = connect(config)
-    sent = send(cluster.bootstrap_servers, config.kafka.topics.labels, values)
+    sent = send(cluster.connection, config.kafka.topics.labels, values)
     console.print(f"sent {sent} labels to {config.kafka.topics.labels} on {cluster.bootstrap_servers}")
     return 0
 
@@ -688,7 +688,7 @@ def cmd_learn(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     server = MetricsServer(registry, config.metrics)
     tasks = tuple(args.task) if args.task else ("sentiment", "topic")
     progress = not args.no_progress and sys.stderr.isatty()
-    learner = Learner(config, cluster.bootstrap_servers, registry, show_progress=progress, tasks=tasks)
+    learner = Learner(config, cluster.connection, registry, show_progress=progress, tasks=tasks)
     stop = threading.Event()
     _stop_on_signals(stop)
     console.print(

@@ -28,6 +28,7 @@ from storage import History
 from storage.history import lake_dir_of
 from stream.admin import delete_topics, ensure_topics
 from stream.config import TopicNames
+from stream.connection import Target
 from stream.messages import NewsItem
 from stream.scorer import ScorerStats
 
@@ -127,7 +128,7 @@ def run_demo(
     cluster: Cluster = connect(config)
     console.print(f"Kafka: {cluster.bootstrap_servers} ({'local broker' if cluster.local else 'configured cluster'})")
     t = topics
-    ensure_topics(cluster.bootstrap_servers, [t.raw, t.scored, t.dlq, t.labels, t.updates], config.kafka.partitions)
+    ensure_topics(cluster.connection, [t.raw, t.scored, t.dlq, t.labels, t.updates], config.kafka.partitions)
 
     items = labelled_stream(messages)
     spike = _selloff(items[-1].item.published_at if items else datetime.now(UTC))
@@ -154,8 +155,8 @@ def run_demo(
     # The sell-off follows the first part: its alert fires and resolves before the learning round, against the
     # baseline of the stream so far (a learning round later in the window would make the stock tweets it teaches
     # part of the sell-off's baseline).
-    replay_one = _Replay(cluster.bootstrap_servers, t.raw, part_one, news_messages(spike), rate)
-    replay_two = _Replay(cluster.bootstrap_servers, t.raw, part_two, [], rate)
+    replay_one = _Replay(cluster.connection, t.raw, part_one, news_messages(spike), rate)
+    replay_two = _Replay(cluster.connection, t.raw, part_two, [], rate)
     started = time.perf_counter()
     stop = threading.Event()
     alert: AlertOutcome | None = None
@@ -210,7 +211,7 @@ def run_demo(
         if learn and first:
             learn_started = time.perf_counter()
             learning = label_and_learn(
-                config, cluster.bootstrap_servers, first, DEMO_DOMAIN, f"demo-learner-{run_id}", console
+                config, cluster.connection, first, DEMO_DOMAIN, f"demo-learner-{run_id}", console
             )
             if learning.promoted and learning.version is not None:
                 if await_swap(scorer, DEMO_DOMAIN, learning.version):
@@ -249,7 +250,7 @@ def run_demo(
         default = scorer.classifier.predict([li.item.text for li in judged])
         before = round(accuracy(truth, [p.sentiment for p in default]), 4)
         after = round(accuracy(truth, [str(predicted[li.item.id]) for li in judged]), 4)
-    delete_topics(cluster.bootstrap_servers, [t.raw, t.scored, t.dlq, t.labels, t.updates])
+    delete_topics(cluster.connection, [t.raw, t.scored, t.dlq, t.labels, t.updates])
     fired = [
         {"alertname": str(name), "about": str(about), "severity": str(severity), "notifications": int(str(n))}
         for name, about, severity, n in history.query(
@@ -307,7 +308,7 @@ class _Replay(threading.Thread):
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Target,
         topic: str,
         stream: list[tuple[bytes | None, bytes | None]],
         spike: list[tuple[bytes | None, bytes | None]],

@@ -21,6 +21,7 @@ from kafka import KafkaProducer
 from finpulse.errors import FinpulseError
 from learner.labels import Task
 from storage import History
+from stream.connection import Target, client_kwargs
 from stream.labels import parse_label
 from stream.messages import Invalid
 
@@ -105,9 +106,9 @@ def query_rows(history: History, sql: str) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def send(bootstrap: str, topic: str, values: Sequence[tuple[bytes, bytes]]) -> int:
+def send(bootstrap: Target, topic: str, values: Sequence[tuple[bytes, bytes]]) -> int:
     """Produce labels and wait until the broker acknowledged every one; return how many."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    producer = KafkaProducer(**client_kwargs(bootstrap), acks="all", enable_idempotence=True, linger_ms=5)
     try:
         futures = [producer.send(topic, key=key, value=value) for key, value in values]
         producer.flush(timeout=60)

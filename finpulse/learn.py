@@ -40,6 +40,7 @@ from monitor.metrics import ModelVersionCollector
 from storage import History
 from storage.labels import Experience, LabelRow, LabelStore
 from storage.models import ModelVersionStore
+from stream.connection import Target
 from stream.labels import DEFAULT_MAX_POLL_INTERVAL_MS, LabelConsumer
 from stream.updates import UpdatePublisher
 
@@ -126,7 +127,7 @@ class Learner:
     def __init__(
         self,
         config: AppConfig,
-        bootstrap_servers: str,
+        bootstrap_servers: Target,
         registry: CollectorRegistry | None = None,
         show_progress: bool = False,
         tasks: tuple[Task, ...] = TASKS,
@@ -147,8 +148,7 @@ class Learner:
         self.versions = ModelVersionStore(self.history)
         self.adapters = AdapterStore(config.model.adapters_dir)
         self.domains = DomainTable(config.model.domains)
-        kafka = config.kafka.model_copy(update={"bootstrap_servers": bootstrap_servers})
-        self.publisher = UpdatePublisher(kafka)
+        self.publisher = UpdatePublisher(config.kafka, connection=bootstrap_servers)
         self.registry = Registry(self.adapters, self.versions, self.publisher.publish)
         self.metrics = LearnerMetrics(registry or CollectorRegistry(), self.versions)
         self.consumer = LabelConsumer(

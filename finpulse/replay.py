@@ -14,6 +14,7 @@ from pathlib import Path
 from kafka import KafkaProducer
 
 from learner.datasets import stock_tweets, tfns_sentiment
+from stream.connection import Target, client_kwargs
 from stream.messages import NewsItem, news_value
 
 _CASHTAG = re.compile(r"\$([A-Za-z]{1,6})\b")
@@ -95,7 +96,7 @@ class ReplayProducer(threading.Thread):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        bootstrap_servers: Target,
         topic: str,
         messages: Sequence[tuple[bytes | None, bytes | None]],
         rate: float,
@@ -107,7 +108,7 @@ class ReplayProducer(threading.Thread):
         self.sent = 0
         self.error: BaseException | None = None
         self._halt = threading.Event()  # not `_stop`: threading.Thread has a method of that name
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=10)
+        self._producer = KafkaProducer(**client_kwargs(bootstrap_servers), acks="all", linger_ms=10)
 
     def stop(self, timeout_s: float = 10) -> None:
         """Stop sending (what was sent is flushed) and wait for the thread."""

@@ -12,6 +12,7 @@ from monitor.metrics import MetricsServer, ScorerMetrics
 from storage import History
 from stream.admin import ensure_topics, require_broker
 from stream.broker import LocalBroker
+from stream.connection import Connection
 from stream.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,13 @@ log = logging.getLogger(__name__)
 class Cluster:
     """The Kafka cluster in use and whether finpulse started it."""
 
-    bootstrap_servers: str
+    connection: Connection
     local: bool
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Return the bootstrap string, for messages."""
+        return self.connection.bootstrap_servers
 
 
 def local_broker(config: AppConfig) -> LocalBroker:
@@ -34,8 +40,9 @@ def connect(config: AppConfig, start_local: bool = True) -> Cluster:
     """Use the configured cluster, or start (or reuse) the local broker; make sure every topic exists."""
     if config.kafka.bootstrap_servers:
         # Before any client: kafka-python would retry a bad address for 30 s per client, logging each try.
-        require_broker(config.kafka.bootstrap_servers)
-        cluster = Cluster(config.kafka.bootstrap_servers, local=False)
+        connection = config.kafka.connection()
+        require_broker(connection)
+        cluster = Cluster(connection, local=False)
     else:
         broker = local_broker(config)
         status = broker.status()
@@ -47,9 +54,9 @@ def connect(config: AppConfig, start_local: bool = True) -> Cluster:
             from stream.errors import BrokerError
 
             raise BrokerError("no Kafka configured and the local broker is not running: run `finpulse kafka start`")
-        cluster = Cluster(bootstrap, local=True)
+        cluster = Cluster(config.kafka.connection(bootstrap), local=True)
     t = config.kafka.topics
-    ensure_topics(cluster.bootstrap_servers, [t.raw, t.scored, t.labels, t.dlq, t.updates], config.kafka.partitions)
+    ensure_topics(cluster.connection, [t.raw, t.scored, t.labels, t.dlq, t.updates], config.kafka.partitions)
     return cluster
 
 
@@ -64,17 +71,17 @@ def update_publisher(config: AppConfig, timeout_s: float = 10.0) -> Callable[[st
     from stream.updates import UpdatePublisher
 
     if config.kafka.bootstrap_servers:
-        bootstrap = config.kafka.bootstrap_servers
+        bootstrap = config.kafka.connection()
     else:
         status = local_broker(config).status()
         if not status.running or not status.bootstrap:
             return None
-        bootstrap = status.bootstrap
+        bootstrap = config.kafka.connection(status.bootstrap)
     if not broker_answers(bootstrap, timeout_s=min(timeout_s, 3.0)):
         raise BrokerError(f"Kafka at {bootstrap} does not answer")
     # The topic may not exist yet on a cluster no scorer has used; a send to it would wait for metadata.
     ensure_topics(bootstrap, [config.kafka.topics.updates], config.kafka.partitions, timeout_s=timeout_s)
-    return UpdatePublisher(config.kafka, timeout_s=timeout_s).publish
+    return UpdatePublisher(config.kafka, timeout_s=timeout_s, connection=bootstrap).publish
 
 
 def build_scorer(
@@ -86,7 +93,7 @@ def build_scorer(
     metrics = ScorerMetrics()
     server = MetricsServer(metrics.registry, config.metrics) if serve_metrics else None
     scorer = Scorer(
-        cluster.bootstrap_servers,
+        cluster.connection,
         config.kafka.topics,
         config.scorer,
         classifier,

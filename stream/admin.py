@@ -5,16 +5,18 @@ import functools
 import itertools
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
+from stream.connection import Connection, Target, as_connection, client_kwargs
 from stream.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,9 @@ def _split_host_port(server: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)  # [::1]:9092 → ::1
 
 
-def port_open(bootstrap: str, timeout_s: float = 0.5) -> bool:
+def port_open(bootstrap: Target, timeout_s: float = 0.5) -> bool:
     """Return True when a TCP connection to the first bootstrap server succeeds."""
-    host, port = _split_host_port(bootstrap.split(",")[0])
+    host, port = _split_host_port(as_connection(bootstrap).bootstrap_servers.split(",")[0])
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             return True
@@ -50,7 +52,7 @@ def port_open(bootstrap: str, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def broker_answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
+def broker_answers(bootstrap: Target, timeout_s: float = 3.0) -> bool:
     """Return True when the cluster at `bootstrap` answers a metadata request within `timeout_s`."""
     # A plain TCP check first: KafkaAdminClient spawns an IO thread per instance and logs every refused
     # connection, which would flood the log while a broker is still booting.
@@ -59,7 +61,7 @@ def broker_answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
     timeout_ms = max(int(timeout_s * 1000), 100)
     try:
         admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
+            **client_kwargs(bootstrap),
             client_id="finpulse-probe",
             bootstrap_timeout_ms=timeout_ms,
             request_timeout_ms=timeout_ms,
@@ -84,7 +86,7 @@ class _Probe:
     step: str = "resolving"
 
 
-def require_broker(bootstrap: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+def require_broker(bootstrap: Target, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
     """Return once the cluster at `bootstrap` answers a metadata request; else raise BrokerError in one sentence.
 
     Every server is resolved, connected to and asked for its API versions at once, in raw bytes (no client
@@ -93,23 +95,38 @@ def require_broker(bootstrap: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> No
     client asks for metadata, which also reaches the brokers the cluster advertises. All within `timeout_s`.
     """
     deadline = time.monotonic() + timeout_s
-    probes = [_Probe(server.strip()) for server in bootstrap.split(",") if server.strip()]
-    reached = _within(deadline, [functools.partial(_reach, p, deadline, timeout_s) for p in probes])
+    connection = as_connection(bootstrap)
+    servers = connection.bootstrap_servers.split(",")
+    probes = [_Probe(server.strip()) for server in servers if server.strip()]
+    reach = functools.partial(_reach, deadline=deadline, timeout_s=timeout_s, connection=connection)
+    reached = _within(deadline, [functools.partial(reach, p) for p in probes])
     problems = {p.server: _late(p.step, timeout_s) if r is None else r[0] for p, r in zip(probes, reached, strict=True)}
     reachable = ",".join(server for server, problem in problems.items() if problem is None)
     if not reachable:
         found = " or ".join(f"{server} ({problem})" for server, problem in problems.items())
+        if connection.protocol == "PLAINTEXT" and _HUNG_UP in found:
+            found += ", as a TLS listener does to a plaintext client: set kafka.client.security_protocol"
         raise BrokerError(f"cannot reach Kafka at {found}: {_FIX}")
     for server, problem in problems.items():
         if problem is not None:
             log.warning("event=bootstrap_server_unusable server=%s problem=%r", server, problem)
-    (answered,) = _within(deadline, [lambda: _metadata_problem(reachable, deadline)])
+    (answered,) = _within(
+        deadline, [lambda: _metadata_problem(replace(connection, bootstrap_servers=reachable), deadline)]
+    )
     problem = f"sent no metadata within {timeout_s:g} s" if answered is None else answered[0]
     if problem is not None:
-        raise BrokerError(
-            f"Kafka at {reachable} answers but {problem}; check that the listeners it advertises are reachable "
-            f"from here, or {_FIX}"
-        )
+        if connection.protocol.startswith("SASL_"):
+            # kafka-python retries a refused login silently until its timeout: this is how one looks from here.
+            check = (
+                "check kafka.client.sasl_plain_username, its password and sasl_mechanism (a refused login ends "
+                "like this), then that the listeners it advertises are reachable from here"
+            )
+        else:
+            check = (
+                "check that the listeners it advertises are reachable from here, and if the cluster needs SASL, "
+                "set kafka.client.security_protocol"
+            )
+        raise BrokerError(f"Kafka at {reachable} answers but {problem}; {check}, or {_FIX}")
 
 
 def _within(deadline: float, calls: Sequence[Callable[[], _T]]) -> list[tuple[_T] | None]:
@@ -144,11 +161,18 @@ def _late(step: str, timeout_s: float) -> str:
         return f"host did not resolve within {timeout_s:g} s"
     if step == "connecting":
         return f"connection timed out after {timeout_s:g} s"
+    if step == "handshaking":
+        return f"no TLS handshake within {timeout_s:g} s: is the listener TLS? check kafka.client.security_protocol"
     return f"no Kafka answer within {timeout_s:g} s: not a Kafka broker, or one too busy to answer"
 
 
-def _reach(probe: _Probe, deadline: float, timeout_s: float) -> str | None:
-    """Resolve, connect to and ask one server for its API versions; return what failed, None if it is Kafka."""
+def _reach(probe: _Probe, deadline: float, timeout_s: float, connection: Connection) -> str | None:
+    """Resolve, connect to and ask one server for its API versions; return what failed, None if it is Kafka.
+
+    On a TLS listener the request goes inside a TLS session made with the clients' own trust settings, so a
+    certificate the clients would refuse is named here; ApiVersions needs no SASL login (KIP-511), so a SASL
+    listener answers it too and a wrong password is left to the metadata step.
+    """
     host, port = _split_host_port(probe.server)
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -157,10 +181,19 @@ def _reach(probe: _Probe, deadline: float, timeout_s: float) -> str | None:
     try:
         probe.step = "connecting"
         with _connect(addresses, deadline) as sock:
+            if connection.uses_tls:
+                probe.step = "handshaking"
+                with connection.ssl_context().wrap_socket(sock, server_hostname=host) as tls:
+                    probe.step = "asking"
+                    return _not_kafka(tls)
             probe.step = "asking"
             return _not_kafka(sock)
     except ConnectionRefusedError:
         return "connection refused"
+    except ssl.SSLCertVerificationError as e:
+        return f"its TLS certificate is not trusted here ({e.verify_message}): set kafka.client.ssl_cafile to its CA"
+    except ssl.SSLError as e:
+        return f"the TLS handshake failed ({e.reason or e}): is the listener TLS? check kafka.client.security_protocol"
     except TimeoutError:
         return _late(probe.step, timeout_s)
     except OSError as e:
@@ -204,12 +237,12 @@ def _not_kafka(sock: socket.socket) -> str | None:
     return None
 
 
-def _metadata_problem(bootstrap: str, deadline: float) -> str | None:
+def _metadata_problem(bootstrap: Target, deadline: float) -> str | None:
     """Ask the cluster for its topics with kafka-python; return None on success, else what went wrong."""
     timeout_ms = max(int((deadline - time.monotonic()) * 1000), 100)
     try:
         admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
+            **client_kwargs(bootstrap),
             client_id="finpulse-preflight",
             bootstrap_timeout_ms=timeout_ms,
             request_timeout_ms=timeout_ms,
@@ -227,7 +260,7 @@ def _metadata_problem(bootstrap: str, deadline: float) -> str | None:
 
 
 def ensure_topics(
-    bootstrap: str,
+    bootstrap: Target,
     names: Sequence[str],
     partitions: int,
     *,
@@ -249,7 +282,7 @@ def ensure_topics(
     timeout_ms = max(int(timeout_s * 1000), 100)
     try:
         admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
+            **client_kwargs(bootstrap),
             client_id="finpulse-admin",
             bootstrap_timeout_ms=timeout_ms,
             request_timeout_ms=timeout_ms,
@@ -282,7 +315,7 @@ def ensure_topics(
             admin.close()
 
 
-def delete_topics(bootstrap: str, names: Sequence[str], *, timeout_s: float = 30.0) -> list[str]:
+def delete_topics(bootstrap: Target, names: Sequence[str], *, timeout_s: float = 30.0) -> list[str]:
     """Delete the topics in `names` that exist; return the names actually deleted.
 
     Missing topics are skipped, so cleanup code may name topics that were never created.
@@ -293,7 +326,7 @@ def delete_topics(bootstrap: str, names: Sequence[str], *, timeout_s: float = 30
     timeout_ms = max(int(timeout_s * 1000), 100)
     try:
         admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
+            **client_kwargs(bootstrap),
             client_id="finpulse-admin",
             bootstrap_timeout_ms=timeout_ms,
             request_timeout_ms=timeout_ms,

@@ -8,6 +8,9 @@ process that started it, and everything it needs lives in one data dir:
     log4j2.properties  logging config: the broker's own log goes to server.log (rolled at 10 MB)
     broker.log         the JVM's stdout and stderr (crashes, JVM warnings)
     logs/              the Kafka log dir: topic data and the KRaft metadata log
+
+Besides its plaintext listener the broker can open secured ones (`BrokerSecurity`): SASL/PLAIN, TLS, and both
+(SASL_SSL), so the clients' security settings are exercised against a real broker.
 """
 
 import base64
@@ -18,7 +21,8 @@ import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +60,43 @@ class BrokerStatus:
     pid: int | None
     bootstrap: str | None
     data_dir: Path
+    # Security protocol → host:port of each secured listener (empty when only plaintext is open).
+    listeners: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """Secured listeners beside the plaintext one: SASL/PLAIN users, a TLS keystore, or both (then SASL_SSL too)."""
+
+    users: Mapping[str, str] = field(default_factory=dict)  # SASL/PLAIN user name → password
+    keystore: Path | None = None  # PKCS12 keystore holding the broker's key and certificate chain
+    keystore_password: str = ""
+
+    def protocols(self) -> list[str]:
+        """Return the security protocols of the listeners this opens."""
+        found = ["SASL_PLAINTEXT"] if self.users else []
+        if self.keystore is not None:
+            found += ["SSL", "SASL_SSL"] if self.users else ["SSL"]
+        return found
+
+
+# Listener names in server.properties of each secured protocol.
+_LISTENER_NAMES = {"SASL_PLAINTEXT": "SASL", "SSL": "TLS", "SASL_SSL": "SASLTLS"}
 
 
 class LocalBroker:
     """Install, start, stop and inspect the local single-node Kafka broker kept in `data_dir`."""
 
-    def __init__(self, data_dir: Path, jars_dir: Path | None = None) -> None:
-        """Bind to `data_dir` (created on start) and the jar dir, `kafka-dist/lib` of the repo by default."""
+    def __init__(self, data_dir: Path, jars_dir: Path | None = None, security: BrokerSecurity | None = None) -> None:
+        """Bind to `data_dir` (created on start) and the jar dir, `kafka-dist/lib` of the repo by default.
+
+        With `security`, each start also opens its secured listeners (see `BrokerStatus.listeners`).
+        """
         # Absolute paths: they end up in config files read by a JVM running in another cwd.
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.jars_dir = Path(jars_dir).expanduser().resolve() if jars_dir is not None else DEFAULT_JARS_DIR
+        self.security = security or BrokerSecurity()
+        _check_jaas_safe(self.security)
         self._proc: subprocess.Popen[bytes] | None = None
         self._java_path: str | None = None
 
@@ -184,11 +215,12 @@ class LocalBroker:
                 return bootstrap
 
             broker_port, controller_port = self._choose_ports(port, state)  # first: cheap, and fails fast
+            secured = self._secured_ports(state, {broker_port, controller_port})
             self.ensure_jars()
             java = self.java()
             bootstrap = f"{HOST}:{broker_port}"
             self._write_log4j_config()
-            self._write_server_config(broker_port, controller_port)
+            self._write_server_config(broker_port, controller_port, secured)
             cluster_id = self._format_once(java, state)
 
             with self.log_file.open("ab") as out:
@@ -210,6 +242,7 @@ class LocalBroker:
                     "port": broker_port,
                     "controller_port": controller_port,
                     "bootstrap": bootstrap,
+                    "listeners": {protocol: f"{HOST}:{p}" for protocol, p in secured.items()},
                     "cluster_id": cluster_id,
                     "started_at": time.time(),
                 }
@@ -241,7 +274,14 @@ class LocalBroker:
         pid = self._live_pid(state)
         if pid is None:
             return BrokerStatus(running=False, pid=None, bootstrap=None, data_dir=self.data_dir)
-        return BrokerStatus(running=True, pid=pid, bootstrap=str(state["bootstrap"]), data_dir=self.data_dir)
+        listeners = state.get("listeners")
+        return BrokerStatus(
+            running=True,
+            pid=pid,
+            bootstrap=str(state["bootstrap"]),
+            data_dir=self.data_dir,
+            listeners=dict(listeners) if isinstance(listeners, dict) else {},
+        )
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -329,14 +369,30 @@ class LocalBroker:
             controller_port = _free_port(exclude={broker_port})
         return broker_port, controller_port
 
-    def _write_server_config(self, broker_port: int, controller_port: int) -> None:
+    def _secured_ports(self, state: dict[str, Any], taken: set[int]) -> dict[str, int]:
+        """Return a port per secured protocol: the remembered one if still free, else a new one."""
+        found = state.get("listeners")
+        remembered: dict[str, Any] = found if isinstance(found, dict) else {}
+        ports: dict[str, int] = {}
+        for protocol in self.security.protocols():
+            _, _, old = str(remembered.get(protocol, "")).rpartition(":")
+            port = int(old) if old.isdigit() and int(old) not in taken and process.port_free(int(old)) else 0
+            ports[protocol] = port or _free_port(exclude=taken)
+            taken = taken | {ports[protocol]}
+        return ports
+
+    def _write_server_config(self, broker_port: int, controller_port: int, secured: Mapping[str, int]) -> None:
         """Write server.properties for a combined broker+controller with a static one-voter quorum."""
+        listeners = [f"PLAINTEXT://{HOST}:{broker_port}"]
+        listeners += [f"{_LISTENER_NAMES[protocol]}://{HOST}:{port}" for protocol, port in secured.items()]
+        protocol_map = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+        protocol_map += [f"{_LISTENER_NAMES[protocol]}:{protocol}" for protocol in secured]
         settings: dict[str, str | int] = {
             "process.roles": "broker,controller",
             "node.id": 1,
-            "listeners": f"PLAINTEXT://{HOST}:{broker_port},CONTROLLER://{HOST}:{controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{HOST}:{broker_port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listeners": ",".join([*listeners, f"CONTROLLER://{HOST}:{controller_port}"]),
+            "advertised.listeners": ",".join(listeners),
+            "listener.security.protocol.map": ",".join(protocol_map),
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
             # A static voter set (rather than a dynamic quorum formatted with --standalone) takes the
@@ -371,10 +427,32 @@ class LocalBroker:
             "log.retention.check.interval.ms": 300_000,
             # The controller writes a no-op record every 500 ms by default; nothing here needs that cadence.
             "metadata.max.idle.interval.ms": 5000,
+            **self._security_settings(secured),
         }
         text = "# Written by stream/broker.py on every start; edits are overwritten.\n"
         text += "".join(f"{key}={value}\n" for key, value in settings.items())
+        # Passwords may be in it: readable by this user only, from the moment it exists.
+        self.config_file.touch(mode=0o600)
+        self.config_file.chmod(0o600)
         self.config_file.write_text(text, encoding="utf-8")
+
+    def _security_settings(self, secured: Mapping[str, int]) -> dict[str, str | int]:
+        """Return the server.properties lines of the secured listeners: JAAS users per SASL listener, keystore."""
+        settings: dict[str, str | int] = {}
+        users = " ".join(f'user_{name}="{password}"' for name, password in self.security.users.items())
+        for protocol in secured:
+            if protocol.startswith("SASL_"):
+                name = _LISTENER_NAMES[protocol].lower()
+                settings[f"listener.name.{name}.sasl.enabled.mechanisms"] = "PLAIN"
+                settings[f"listener.name.{name}.plain.sasl.jaas.config"] = (
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+                )
+        if self.security.keystore is not None:
+            settings["ssl.keystore.type"] = "PKCS12"
+            settings["ssl.keystore.location"] = str(Path(self.security.keystore).resolve())
+            settings["ssl.keystore.password"] = self.security.keystore_password
+            settings["ssl.key.password"] = self.security.keystore_password
+        return settings
 
     def _write_log4j_config(self) -> None:
         """Write the log4j2 config: INFO to a rolled server.log, chatty request/state loggers at WARN."""
@@ -430,6 +508,17 @@ logger.authorizer.level = WARN
                 + (f": {detail[-1]}" if detail else "")
             )
         return cluster_id
+
+
+def _check_jaas_safe(security: BrokerSecurity) -> None:
+    """Refuse user names and passwords that would break out of their quotes in the JAAS line."""
+    for name, password in security.users.items():
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise BrokerError(f"SASL user name {name!r}: use letters, digits, '.', '_' or '-'")
+        if any(c in password for c in '"\\\n;') or not password:
+            raise BrokerError(f"the SASL password of {name!r} is empty or holds a quote, backslash, ';' or newline")
+    if security.keystore is not None and not Path(security.keystore).is_file():
+        raise BrokerError(f"keystore {security.keystore} is not a file")
 
 
 def _free_port(exclude: set[int] | None = None) -> int:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from stream.connection import Connection
+from stream.errors import BrokerError
 
 # kafka-python backs reconnects off up to 30 s: after a broker restart a client could sit out half a minute before
 # it even tries again. Two seconds between tries costs nothing on loopback or a LAN and bounds that wait.
@@ -39,6 +43,102 @@ class TopicNames(BaseModel):
         return cls(**{name: prefix + str(field.default) for name, field in cls.model_fields.items()})
 
 
+class KafkaClientConfig(BaseModel):
+    """Security settings every producer, consumer and admin client passes to the cluster (kafka-python's names).
+
+    Secrets come from the environment (FINPULSE_KAFKA__CLIENT__SASL_PLAIN_PASSWORD) or from a file
+    (`sasl_plain_password_file`, e.g. a Docker or Kubernetes secret) and are never printed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (managed clusters: SASL_SSL) "
+        "(env FINPULSE_KAFKA__CLIENT__SECURITY_PROTOCOL).",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism with SASL_PLAINTEXT/SASL_SSL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
+    sasl_plain_username: str | None = Field(None, min_length=1, description="SASL user name.")
+    sasl_plain_password: SecretStr | None = Field(
+        None, description="SASL password (env FINPULSE_KAFKA__CLIENT__SASL_PLAIN_PASSWORD). Never printed."
+    )
+    sasl_plain_password_file: Path | None = Field(
+        None, description="File holding the SASL password instead; read at connect, surrounding whitespace ignored."
+    )
+    ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA certificates that sign the brokers' certificates; unset: the system's."
+    )
+    ssl_certfile: Path | None = Field(None, description="PEM client certificate, for clusters that require mTLS.")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile.")
+    ssl_password: SecretStr | None = Field(None, description="Password of an encrypted ssl_keyfile. Never printed.")
+    ssl_check_hostname: bool = Field(
+        True, description="Check that the broker's certificate names the host connected to; keep it on."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaClientConfig:
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(f"{self.security_protocol} needs kafka.client.sasl_mechanism (PLAIN or SCRAM-SHA-512)")
+        if sasl and self.sasl_plain_username is None:
+            raise ValueError(f"{self.security_protocol} needs kafka.client.sasl_plain_username")
+        if sasl and self.sasl_plain_password is None and self.sasl_plain_password_file is None:
+            raise ValueError(
+                f"{self.security_protocol} needs kafka.client.sasl_plain_password "
+                "(env FINPULSE_KAFKA__CLIENT__SASL_PLAIN_PASSWORD) or sasl_plain_password_file"
+            )
+        if self.sasl_plain_password is not None and self.sasl_plain_password_file is not None:
+            raise ValueError("set kafka.client.sasl_plain_password or sasl_plain_password_file, not both")
+        if not sasl and (self.sasl_mechanism or self.sasl_plain_username):
+            raise ValueError(
+                f"SASL settings need security_protocol SASL_PLAINTEXT or SASL_SSL, not {self.security_protocol}"
+            )
+        tls = self.security_protocol.endswith("SSL")
+        if not tls and (self.ssl_cafile or self.ssl_certfile or self.ssl_keyfile):
+            raise ValueError(f"ssl_* files need security_protocol SSL or SASL_SSL, not {self.security_protocol}")
+        if (self.ssl_keyfile is not None) != (self.ssl_certfile is not None):
+            raise ValueError("set kafka.client.ssl_certfile and ssl_keyfile together")
+        for name in ("sasl_plain_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).expanduser().is_file():
+                raise ValueError(f"kafka.client.{name} {path} is not a file: fix the path")
+        return self
+
+    def settings(self) -> MappingProxyType[str, Any]:
+        """Return the kafka-python keyword arguments, with the secrets read (the password file at this call)."""
+        out: dict[str, Any] = {}
+        if self.security_protocol != "PLAINTEXT":
+            out["security_protocol"] = self.security_protocol
+        if self.sasl_mechanism is not None:
+            out["sasl_mechanism"] = self.sasl_mechanism
+            out["sasl_plain_username"] = self.sasl_plain_username
+            out["sasl_plain_password"] = self._password()
+        if self.security_protocol.endswith("SSL"):
+            out["ssl_check_hostname"] = self.ssl_check_hostname
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                path = getattr(self, name)
+                if path is not None:
+                    out[name] = str(Path(path).expanduser())
+            if self.ssl_password is not None:
+                out["ssl_password"] = self.ssl_password.get_secret_value()
+        return MappingProxyType(out)
+
+    def _password(self) -> str:
+        if self.sasl_plain_password is not None:
+            return self.sasl_plain_password.get_secret_value()
+        path = Path(str(self.sasl_plain_password_file)).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise BrokerError(f"kafka.client.sasl_plain_password_file {path}: cannot read it ({reason})") from e
+        if not text:
+            raise BrokerError(f"kafka.client.sasl_plain_password_file {path} is empty: write the password in it")
+        return text
+
+
 class KafkaConfig(BaseModel):
     """Which cluster to use; an empty `bootstrap_servers` means the local broker finpulse runs itself."""
 
@@ -55,6 +155,21 @@ class KafkaConfig(BaseModel):
     )
     partitions: int = Field(3, ge=1, le=256, description="Partitions of topics finpulse creates.")
     topics: TopicNames = Field(default_factory=TopicNames)
+    client: KafkaClientConfig = Field(default_factory=KafkaClientConfig)
+
+    def connection(self, bootstrap_servers: str | None = None) -> Connection:
+        """Return the Connection to `bootstrap_servers` (default: the configured ones) with the client settings."""
+        return Connection(bootstrap_servers or self.bootstrap_servers, self.client.settings())
+
+    @model_validator(mode="after")
+    def _secure_needs_a_cluster(self) -> KafkaConfig:
+        # The local broker finpulse starts listens in plaintext on loopback only.
+        if not self.bootstrap_servers and self.client.security_protocol != "PLAINTEXT":
+            raise ValueError(
+                f"security_protocol {self.client.security_protocol} needs kafka.bootstrap_servers: the local "
+                "broker is plaintext on loopback; set the cluster's address or leave security_protocol PLAINTEXT"
+            )
+        return self
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -28,6 +28,7 @@ from learner.labels import SENTIMENTS, TOPICS
 from storage import StorageError
 from storage.labels import LabelRow, LabelStore
 from stream.config import RECONNECT_BACKOFF_MAX_MS, TopicNames
+from stream.connection import Target, client_kwargs
 from stream.messages import (
     MAX_ID_CHARS,
     Invalid,
@@ -151,7 +152,7 @@ class LabelConsumer:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        bootstrap_servers: Target,
         topics: TopicNames,
         group_id: str,
         store: LabelStore,
@@ -172,7 +173,7 @@ class LabelConsumer:
         self.parse = parse
         self.consumer = KafkaConsumer(
             topics.labels,
-            bootstrap_servers=bootstrap_servers,
+            **client_kwargs(bootstrap_servers),
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -181,7 +182,7 @@ class LabelConsumer:
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         )
         self.producer = KafkaProducer(
-            bootstrap_servers=bootstrap_servers,
+            **client_kwargs(bootstrap_servers),
             acks="all",
             linger_ms=5,
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,

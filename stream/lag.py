@@ -20,6 +20,7 @@ from kafka.errors import KafkaError
 
 from monitor.metrics import ScorerMetrics
 from stream.config import RECONNECT_BACKOFF_MAX_MS
+from stream.connection import Target, client_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class LagMonitor:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        bootstrap_servers: Target,
         group_id: str,
         assignment: Callable[[], set[TopicPartition]],
         metrics: ScorerMetrics,
@@ -106,14 +107,14 @@ class LagMonitor:
     def _clients(self) -> tuple[KafkaAdminClient, KafkaConsumer]:
         if self._admin is None:
             self._admin = KafkaAdminClient(
-                bootstrap_servers=self._bootstrap,
+                **client_kwargs(self._bootstrap),
                 client_id="finpulse-lag",
                 request_timeout_ms=_REQUEST_TIMEOUT_MS,
                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             )
         if self._offsets is None:
             self._offsets = KafkaConsumer(
-                bootstrap_servers=self._bootstrap,
+                **client_kwargs(self._bootstrap),
                 client_id="finpulse-lag",
                 enable_auto_commit=False,
                 request_timeout_ms=_REQUEST_TIMEOUT_MS + 1_000,

@@ -23,6 +23,7 @@ from learner.model import Classifier, Prediction, TaskModel
 from monitor.metrics import ScorerMetrics
 from storage import History
 from stream.config import RECONNECT_BACKOFF_MAX_MS, KafkaConfig, ScorerConfig, TopicNames
+from stream.connection import Target, client_kwargs
 from stream.containment import Containment, Stopping
 from stream.errors import StreamError
 from stream.lag import LagMonitor
@@ -85,7 +86,7 @@ class Scorer:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        bootstrap_servers: Target,
         topics: TopicNames,
         config: ScorerConfig,
         classifier: Classifier,
@@ -104,7 +105,7 @@ class Scorer:
         try:
             self.consumer = KafkaConsumer(
                 topics.raw,
-                bootstrap_servers=bootstrap_servers,
+                **client_kwargs(bootstrap_servers),
                 group_id=config.group_id,
                 client_id=f"finpulse-scorer-{threading.get_native_id()}",
                 enable_auto_commit=False,  # offsets move only after a batch is in every sink
@@ -116,7 +117,7 @@ class Scorer:
                 **config.group_settings(),
             )
             self.producer = KafkaProducer(
-                bootstrap_servers=bootstrap_servers,
+                **client_kwargs(bootstrap_servers),
                 acks="all",
                 enable_idempotence=True,
                 linger_ms=5,
@@ -128,7 +129,7 @@ class Scorer:
         self.sinks: list[Sink] = (
             list(sinks)
             if sinks is not None
-            else [ScoredTopicSink(self.producer, topics.scored, bootstrap_servers), HistorySink(history)]
+            else [ScoredTopicSink(self.producer, topics.scored, str(bootstrap_servers)), HistorySink(history)]
         )
         self._contain = Containment(self._wait_until_up, on_retry=self._count_retry)
         self.domains = DomainTable(model_config.domains if model_config is not None else None)
@@ -151,14 +152,14 @@ class Scorer:
                 raise
         self.lag.start()
 
-    def _model_swapper(self, bootstrap_servers: str, model_config: ModelConfig) -> ModelSwapper:
+    def _model_swapper(self, bootstrap_servers: Target, model_config: ModelConfig) -> ModelSwapper:
         store = AdapterStore(model_config.adapters_dir)
 
         def load(task: Task, version: str) -> TaskModel:
             return self.classifier.load(store, task, version, model_config)
 
         # The listener is created before the swapper first reads the champions: no promotion falls in between.
-        listener = UpdateListener(KafkaConfig(bootstrap_servers=bootstrap_servers, topics=self.topics))
+        listener = UpdateListener(KafkaConfig(topics=self.topics), connection=bootstrap_servers)
         metrics = SwapMetrics(self.metrics.registry)
         return ModelSwapper(self.classifier, store, load, listener, metrics, self.config.champion_check_s)
 

@@ -28,6 +28,7 @@ from learner.errors import ModelLoadError
 from learner.labels import TASKS, Task
 from stream.broker import LocalBroker
 from stream.config import KafkaConfig
+from stream.connection import Connection, Target, client_kwargs
 from stream.errors import BrokerError, StreamError
 
 if TYPE_CHECKING:
@@ -106,29 +107,30 @@ def _validated(payload: dict[str, Any]) -> ModelUpdate:
         raise UpdateError(f"model update field {field!r}: {message}") from e
 
 
-def _bootstrap(config: KafkaConfig) -> str:
+def _bootstrap(config: KafkaConfig) -> Connection:
     """Return the cluster to use; an empty setting means the local broker, which must be running."""
     if config.bootstrap_servers:
-        return config.bootstrap_servers
+        return config.connection()
     status = LocalBroker(config.data_dir).status()
     if not status.running or not status.bootstrap:
         raise BrokerError(
             "kafka.bootstrap_servers is empty and the local broker is not running: "
             "run `finpulse kafka start` or set kafka.bootstrap_servers"
         )
-    return status.bootstrap
+    return config.connection(status.bootstrap)
 
 
 class UpdatePublisher:
     """Publish champion changes; `publish` is the callable the learner's registry is given."""
 
-    def __init__(self, kafka_config: KafkaConfig, timeout_s: float = 30.0) -> None:
+    def __init__(self, kafka_config: KafkaConfig, timeout_s: float = 30.0, connection: Target | None = None) -> None:
+        """Connect to `connection`, by default the cluster `kafka_config` names."""
         self.topic = kafka_config.topics.updates
         self._timeout_s = timeout_s
-        bootstrap = _bootstrap(kafka_config)
+        bootstrap = connection if connection is not None else _bootstrap(kafka_config)
         try:
             self._producer = KafkaProducer(
-                bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, client_id="finpulse-updates"
+                **client_kwargs(bootstrap), acks="all", enable_idempotence=True, client_id="finpulse-updates"
             )
         except KafkaError as e:
             raise StreamError(f"cannot connect to Kafka at {bootstrap} to publish model updates: {e}") from e
@@ -163,12 +165,13 @@ class UpdatePublisher:
 class UpdateListener:
     """Read `model.updates` from the moment it is created, with no consumer group: every scorer sees every update."""
 
-    def __init__(self, kafka_config: KafkaConfig, timeout_s: float = 10.0) -> None:
+    def __init__(self, kafka_config: KafkaConfig, timeout_s: float = 10.0, connection: Target | None = None) -> None:
+        """Connect to `connection`, by default the cluster `kafka_config` names."""
         self.topic = kafka_config.topics.updates
-        bootstrap = _bootstrap(kafka_config)
+        bootstrap = connection if connection is not None else _bootstrap(kafka_config)
         try:
             self._consumer = KafkaConsumer(
-                bootstrap_servers=bootstrap,
+                **client_kwargs(bootstrap),
                 group_id=None,  # a group would share the updates out: each scorer must see all of them
                 enable_auto_commit=False,
                 client_id="finpulse-updates-listener",
@@ -190,7 +193,7 @@ class UpdateListener:
             self._consumer.close()
             raise
 
-    def _partitions(self, bootstrap: str, timeout_s: float) -> list[TopicPartition]:
+    def _partitions(self, bootstrap: Target, timeout_s: float) -> list[TopicPartition]:
         # Metadata of a topic created a moment ago can lag behind: ask again until the deadline.
         deadline = time.monotonic() + timeout_s
         while True:
