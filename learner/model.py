@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -24,9 +25,10 @@ import torch
 from torch import nn
 
 from learner.adapters import ADAPTER_CONFIG_FILE, CARD_FILE, AdapterStore
+from learner.bert import BertEncoder, BertPooler
 from learner.config import ModelConfig
 from learner.domains import DEFAULT_DOMAIN
-from learner.encoder import load_classifier_base, load_tokenizer
+from learner.encoder import base_model_path, load_classifier_base, load_tokenizer
 from learner.errors import ModelLoadError
 from learner.labels import TASKS, Task, labels_of
 from learner.language import Outcome, read
@@ -133,6 +135,12 @@ def first_adapted_layer(adapter_dir: Path, layer_names: Sequence[Sequence[str]])
     return len(layer_names)
 
 
+def _shift_layer(key: str, start: int) -> str:
+    """Renumber `encoder.layer.<i>.…` to `encoder.layer.<i - start>.…` (a top holds the layers from `start`)."""
+    found = re.match(r"encoder\.layer\.(\d+)\.(.*)", key)
+    return f"encoder.layer.{int(found.group(1)) - start}.{found.group(2)}" if found else key
+
+
 def read_temperature(adapter_dir: Path) -> float:
     """Return the calibration temperature recorded in a version's model card (1.0 when it has none)."""
     try:
@@ -158,18 +166,76 @@ def load_merged(store: AdapterStore, task: Task, version: str, config: ModelConf
     return merged
 
 
+_PEFT_PREFIX = "base_model.model."
+
+
+def _plain_lora(adapter: dict[str, Any]) -> bool:
+    """Return True for the LoRA adapters `merged_top` merges itself (the kind finpulse trains)."""
+    return (
+        adapter.get("peft_type") == "LORA"
+        and not adapter.get("use_dora")
+        and not adapter.get("rank_pattern")
+        and not adapter.get("alpha_pattern")
+        and not adapter.get("fan_in_fan_out")
+        and adapter.get("bias", "none") == "none"
+    )
+
+
+def merged_top(path: Path, start: int, trunk: Trunk, store: AdapterStore, config: ModelConfig) -> dict[str, Any]:
+    """Return the float32 weights of a version's top: encoder layers from `start`, pooler and head.
+
+    Keys: `encoder.layer.<i>.…`, `pooler.dense.…`, `classifier.…`. A plain LoRA adapter is merged here onto the
+    base file's weights of those layers (W + B·A·alpha/r, as peft's merge does), without building a whole base
+    model or importing peft; any other adapter kind takes peft's own merge.
+    """
+    from safetensors import safe_open
+
+    try:
+        adapter = json.loads((path / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path / ADAPTER_CONFIG_FILE}: {e}") from e
+    weights_file = path / "adapter_model.safetensors"
+    layer_keys = [
+        f"encoder.layer.{i}.{name}" for i in range(start, len(trunk.layers)) for name in trunk.layers[i].state_dict()
+    ]
+    if _plain_lora(adapter) and weights_file.is_file():
+        with safe_open(str(weights_file), "pt") as f:
+            saved = {key.removeprefix(_PEFT_PREFIX): f.get_tensor(key).float() for key in f.keys()}  # noqa: SIM118
+        if {"bert.pooler.dense.weight", "classifier.weight"} <= saved.keys():
+            rank, alpha = int(adapter["r"]), float(adapter["lora_alpha"])
+            scaling = alpha / math.sqrt(rank) if adapter.get("use_rslora") else alpha / rank
+            weights = trunk.encoder.base_tensors(layer_keys, torch.float32, torch.device("cpu"))
+            for key in layer_keys:
+                module = "bert." + key.removesuffix(".weight")
+                if key.endswith(".weight") and f"{module}.lora_A.weight" in saved:
+                    lora = saved[f"{module}.lora_B.weight"] @ saved[f"{module}.lora_A.weight"]
+                    weights[key] = weights[key] + lora * scaling
+            return {
+                **weights,
+                "pooler.dense.weight": saved["bert.pooler.dense.weight"],
+                "pooler.dense.bias": saved["bert.pooler.dense.bias"],
+                "classifier.weight": saved["classifier.weight"],
+                "classifier.bias": saved["classifier.bias"],
+            }
+    merged = load_merged(store, path.parent.name, path.name, config)  # type: ignore[arg-type]
+    state = {k.removeprefix("bert."): v.float() for k, v in merged.state_dict().items()}
+    return {k: state[k] for k in [*layer_keys, "pooler.dense.weight", "pooler.dense.bias"]} | {
+        "classifier.weight": state["classifier.weight"],
+        "classifier.bias": state["classifier.bias"],
+    }
+
+
 class Trunk(nn.Module):
     """The base encoder's embeddings and layers, shared by every task: each batch runs them once."""
 
     def __init__(self, config: ModelConfig, device: torch.device) -> None:
         super().__init__()
-        bert = load_classifier_base(2, config.base_model).bert
-        self.embeddings = bert.embeddings
-        self.layers = bert.encoder.layer
-        self.eval()
-        self.to(device=device, dtype=inference_dtype(device, config.inference_dtype))
         self.device = device
         self.dtype = inference_dtype(device, config.inference_dtype)
+        self.encoder = BertEncoder(base_model_path(config.base_model), self.dtype, device)
+        self.embeddings = self.encoder.embeddings
+        self.layers = self.encoder.layer
+        # As peft names them, for matching an adapter's target_modules.
         self.layer_names = [
             [f"bert.encoder.layer.{i}.{name}" for name, _ in layer.named_modules() if name]
             for i, layer in enumerate(self.layers)
@@ -181,14 +247,14 @@ class Trunk(nn.Module):
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Run the base layers up to the highest of `stops`; return the hidden states at each stop and the mask."""
         extended = extended_mask(attention_mask, self.dtype)
-        hidden = self.embeddings(input_ids=input_ids)
+        hidden = self.embeddings(input_ids)
         wanted = sorted(set(stops))
         out: dict[int, torch.Tensor] = {}
         for index in range(wanted[-1] + 1):
             if index in wanted:
                 out[index] = hidden
             if index < wanted[-1]:
-                hidden = self.layers[index](hidden, attention_mask=extended)[0]
+                hidden = self.layers[index](hidden, extended)
         return out, extended
 
 
@@ -221,20 +287,25 @@ class TaskModel:
         """Load an adapter version, merge it, and keep only what differs from the base (the adapted layers on)."""
         path = store.version_dir(task, version)
         start = first_adapted_layer(path, trunk.layer_names)
-        merged = load_merged(store, task, version, config)
-        layers = nn.ModuleList(list(merged.bert.encoder.layer[start:]))
-        parts = nn.ModuleList([layers, merged.bert.pooler, merged.classifier])
-        parts.to(device=trunk.device, dtype=trunk.dtype)
+        weights = merged_top(path, start, trunk, store, config)
+        layers = nn.ModuleList(trunk.encoder.new_layer() for _ in range(start, len(trunk.layers)))
+        width = trunk.encoder.shape.hidden_size
+        with torch.device("meta"):
+            pooler = BertPooler(width)
+            head = nn.Linear(width, weights["classifier.weight"].shape[0])
+        parts = nn.ModuleDict({"encoder": nn.ModuleDict({"layer": layers}), "pooler": pooler, "classifier": head})
+        # Layer i of the encoder is entry i - start here.
+        renamed = {_shift_layer(k, start): v.to(trunk.device, trunk.dtype) for k, v in weights.items()}
+        parts.load_state_dict(renamed, assign=True)
+        parts.requires_grad_(False)
         parts.eval()
-        return cls(
-            task, version, start, layers, merged.bert.pooler, merged.classifier, trunk.device, read_temperature(path)
-        )
+        return cls(task, version, start, layers, pooler, head, trunk.device, read_temperature(path))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
         """Return the logits of a batch from the hidden states at layer `start`."""
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=extended)[0]
+            hidden = layer(hidden, extended)
         return self.classifier(self.pooler(hidden))
 
     def probabilities(self, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
