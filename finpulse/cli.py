@@ -21,6 +21,7 @@ from finpulse.errors import ConfigError, FinpulseError
 from learner.errors import LearnerError
 from monitor.errors import MonitorError
 from storage.errors import StorageError
+from storage.preflight import require_catalog
 from stream import clientlog
 from stream.errors import StreamError
 
@@ -90,9 +91,13 @@ def key_value(text: str) -> tuple[str, str]:
     return key.strip().replace("-", "_"), value
 
 
-def _common() -> Parser:
-    common = Parser(add_help=False)
-    g = common.add_argument_group("configuration (flags override env, env overrides the file)")
+def _flag_groups(defaults: AppConfig) -> dict[str, Parser]:
+    """Return the shared flags as parent parsers, one per thing they configure.
+
+    A sub-command takes `config` and only the other groups it uses, so its --help lists no flag it would ignore.
+    """
+    groups = {name: Parser(add_help=False) for name in ("config", "kafka", "history", "adapters", "device", "metrics")}
+    g = groups["config"].add_argument_group("configuration (flags override env, env overrides the file)")
     g.add_argument("--config", type=Path, help="TOML config file (default: $FINPULSE_CONFIG, then ./finpulse.toml)")
     g.add_argument(
         "--set",
@@ -103,74 +108,134 @@ def _common() -> Parser:
         metavar="SECTION.FIELD=VALUE",
         help="override any setting, e.g. --set scorer.max_batch=256 (repeatable)",
     )
-    g.add_argument(
+    g.add_argument("-v", "--verbose", action="store_true", help="log at debug level (default: warnings and errors)")
+    groups["kafka"].add_argument_group("Kafka").add_argument(
         "--bootstrap-servers",
-        help="Kafka cluster to use (kafka.bootstrap_servers); default: the local broker",
+        metavar="HOST:PORT",
+        help="Kafka cluster to use, comma-separated for several servers (kafka.bootstrap_servers); "
+        "default: the local broker, started if need be",
     )
-    g.add_argument("--duckdb-path", type=Path, help="DuckDB history file (storage.duckdb_path)")
-    g.add_argument("--adapters-dir", type=Path, help="adapter directory (model.adapters_dir)")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (scorer.device)")
-    g.add_argument("--metrics-port", type=int, help="port of /metrics, 0 = any free one (metrics.port)")
-    g.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    return common
+    groups["history"].add_argument_group("history").add_argument(
+        "--duckdb-path",
+        type=Path,
+        metavar="PATH",
+        help="DuckDB state file; the news lake goes beside it "
+        f"(storage.duckdb_path; default {defaults.storage.duckdb_path})",
+    )
+    # The same title: both land in one "model" section of a command's --help.
+    groups["adapters"].add_argument_group("model").add_argument(
+        "--adapters-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"adapter versions and CHAMPION files (model.adapters_dir; default {defaults.model.adapters_dir})",
+    )
+    groups["device"].add_argument_group("model").add_argument(
+        "--device", help=f"auto, cpu, cuda or cuda:N (scorer.device; default {defaults.scorer.device})"
+    )
+    groups["metrics"].add_argument_group("metrics").add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help=f"port of /metrics, 0 = any free one (metrics.port; default {defaults.metrics.port})",
+    )
+    return groups
 
 
 def build_parser() -> Parser:
     """Build the argument parser of every sub-command."""
-    common = _common()
+    defaults = AppConfig()  # the built-in values, for help texts
+    groups = _flag_groups(defaults)
+
+    def flags(*names: str) -> list[Parser]:
+        """Return the configuration flags and the named groups, as parents of a sub-command."""
+        return [groups["config"], *(groups[name] for name in names)]
+
     parser = Parser(prog="finpulse", description="Real-time financial news monitor that keeps learning.")
     parser.add_argument("--version", action="version", version=f"finpulse {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=Parser, help="what to do; `finpulse COMMAND --help` for its flags"
+    )
 
-    kafka = sub.add_parser("kafka", parents=[common], help="start, stop or inspect the local Kafka broker")
-    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka = sub.add_parser("kafka", parents=flags(), help="start, stop or inspect the local Kafka broker")
+    kafka.add_argument(
+        "action", choices=["start", "stop", "status"], help="status exits 3 when the broker is not running"
+    )
     kafka.add_argument("--port", type=int, help="listener port for `start` (default: a free one)")
-    kafka.add_argument("--data-dir", type=Path, help="where the broker keeps its data (kafka.data_dir)")
+    kafka.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"where the broker keeps its data (kafka.data_dir; default {defaults.kafka.data_dir})",
+    )
 
-    boot = sub.add_parser("bootstrap", parents=[common], help="train the first adapter versions from the TFNS splits")
-    boot.add_argument("--task", choices=["sentiment", "topic"], action="append", help="only this task (repeatable)")
+    boot = sub.add_parser(
+        "bootstrap", parents=flags("adapters"), help="train the first adapter versions from the TFNS splits"
+    )
+    boot.add_argument(
+        "--task", choices=["sentiment", "topic"], action="append", help="only this task (repeatable; default: both)"
+    )
     boot.add_argument("--limit", type=positive_int, help="use only the first N texts of each split (smoke runs)")
 
-    score = sub.add_parser("score", parents=[common], help="run a scorer: news.raw → news.scored + DuckDB")
+    score = sub.add_parser(
+        "score",
+        parents=flags("kafka", "history", "adapters", "device", "metrics"),
+        help="run a scorer: news.raw → news.scored + DuckDB",
+    )
     score.add_argument(
         "--max-messages", type=positive_int, help="stop after this many messages (default: run until Ctrl-C)"
     )
 
-    query = sub.add_parser("query", parents=[common], help="run a read-only SQL query on the history")
+    query = sub.add_parser("query", parents=flags("history"), help="run a read-only SQL query on the history")
     query.add_argument("sql", help='e.g. "SELECT topic, count(*) FROM news GROUP BY 1"')
-    query.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
-    query.add_argument("--max-rows", type=positive_int, default=100, help="rows shown in table format")
     query.add_argument(
-        "--timeout", type=positive_float, help="stop the query after this many seconds (storage.lake.query_timeout_s)"
+        "--format", choices=["table", "csv", "json"], default="table", help="output format (default table)"
+    )
+    query.add_argument("--max-rows", type=positive_int, default=100, help="rows shown in table format (default 100)")
+    query.add_argument(
+        "--timeout",
+        type=positive_float,
+        help="stop the query after this many seconds (storage.lake.query_timeout_s; default 300)",
     )
     query.add_argument(
         "--as-of", help="time travel: a lake snapshot id, or an RFC 3339 time (the history as it was then)"
     )
 
-    search = sub.add_parser("search", parents=[common], help="the newest news whose text holds every word given")
+    search = sub.add_parser(
+        "search", parents=flags("history"), help="the newest news whose text holds every word given"
+    )
     search.add_argument("words", help='e.g. "oil opec"')
     search.add_argument("--limit", type=positive_int, default=20, help="rows to show, newest first (default 20)")
-    search.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    search.add_argument(
+        "--format", choices=["table", "csv", "json"], default="table", help="output format (default table)"
+    )
 
-    export = sub.add_parser("export", parents=[common], help="write the news history to a Parquet or CSV file")
+    export = sub.add_parser("export", parents=flags("history"), help="write the news history to a Parquet or CSV file")
     export.add_argument("path", type=Path, help="file to write, e.g. news-2024-03.parquet")
-    export.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format")
+    export.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format (default parquet)")
     export.add_argument("--since", type=_utc_time, help="only rows scored at or after this RFC 3339 time")
     export.add_argument("--until", type=_utc_time, help="only rows scored before this RFC 3339 time")
     export.add_argument("--as-of", help="as the history was at this snapshot id or RFC 3339 time")
 
     migrate = sub.add_parser(
-        "migrate", parents=[common], help="move the news of a DuckDB-file history (finpulse ≤ 0.1) into the lake"
+        "migrate",
+        parents=flags("history"),
+        help="move the news of a DuckDB-file history (finpulse ≤ 0.1) into the lake",
     )
     migrate.add_argument("--from", dest="source", type=Path, help="the old DuckDB file (default: storage.duckdb_path)")
 
-    compact = sub.add_parser("compact", parents=[common], help="merge the lake's small files and expire old snapshots")
+    compact = sub.add_parser(
+        "compact", parents=flags("history"), help="merge the lake's small files and expire old snapshots"
+    )
     del compact  # no options: everything comes from storage.lake
 
-    demo = sub.add_parser("demo", parents=[common], help="replay a real labelled stream through the pipeline")
+    # No --metrics-port: the demo serves /metrics on any free port, so that it never collides with a scorer.
+    demo = sub.add_parser(
+        "demo",
+        parents=flags("kafka", "history", "adapters", "device"),
+        help="replay a real labelled stream through the pipeline",
+    )
     demo.add_argument("--messages", type=positive_int, default=1000, help="labelled messages to replay (default 1000)")
     demo.add_argument(
-        "--rate", type=non_negative_float, default=0.0, help="messages per second, 0 = as fast as possible"
+        "--rate", type=non_negative_float, default=0.0, help="messages per second, 0 = as fast as possible (default 0)"
     )
     demo.add_argument("--json", action="store_true", help="print only the summary, as one JSON line")
     demo.add_argument("--no-alerts", action="store_true", help="skip Prometheus, Alertmanager and the sell-off alert")
@@ -179,18 +244,24 @@ def build_parser() -> Parser:
     )
 
     label = sub.add_parser("label", help="send analysts' labels, or list the messages most worth labelling")
-    label_sub = label.add_subparsers(dest="label_action", required=True, parser_class=Parser)
+    label_sub = label.add_subparsers(
+        dest="label_action", required=True, parser_class=Parser, help="send labels, or suggest what to label"
+    )
     label_send = label_sub.add_parser(
-        "send", parents=[common], help="validate labels from a CSV / JSON Lines file or a query, then send them"
+        "send",
+        parents=flags("kafka", "history"),
+        help="validate labels from a CSV / JSON Lines file or a query, then send them",
     )
     source = label_send.add_mutually_exclusive_group(required=True)
     source.add_argument("file", nargs="?", type=Path, help="CSV with a header, or .jsonl: id, text, sentiment, ...")
     source.add_argument("--query", help="a history query returning id, text and label columns")
     label_send.add_argument("--labeller", help="labeller recorded on labels that name none")
     label_suggest = label_sub.add_parser(
-        "suggest", parents=[common], help="the recent messages the model is least sure of, not labelled yet"
+        "suggest", parents=flags("history"), help="the recent messages the model is least sure of, not labelled yet"
     )
-    label_suggest.add_argument("--task", choices=["sentiment", "topic"], default="sentiment", help="which task")
+    label_suggest.add_argument(
+        "--task", choices=["sentiment", "topic"], default="sentiment", help="which task (default sentiment)"
+    )
     label_suggest.add_argument("--n", type=positive_int, default=20, help="how many (default 20)")
     label_suggest.add_argument(
         "--since-hours", type=positive_float, default=24.0, help="scored within this many hours (default 24)"
@@ -198,25 +269,33 @@ def build_parser() -> Parser:
     label_suggest.add_argument("--json", action="store_true", help="one JSON object per line")
 
     plot = sub.add_parser("plot", help="pictures of the history (PNG)")
-    plot_sub = plot.add_subparsers(dest="plot_what", required=True, parser_class=Parser)
+    plot_sub = plot.add_subparsers(dest="plot_what", required=True, parser_class=Parser, help="which picture")
     plot_sentiment = plot_sub.add_parser(
-        "sentiment", parents=[common], help="negative share over time vs its baseline, alert firings marked"
+        "sentiment", parents=flags("history"), help="negative share over time vs its baseline, alert firings marked"
     )
     plot_sentiment.add_argument("--topic", help="one topic only (default: all news)")
     plot_sentiment.add_argument("--since", help="from this RFC 3339 time on (default: the whole history)")
     plot_sentiment.add_argument(
         "--by", choices=["scored", "published"], default="scored", help="processing time (default) or publication time"
     )
-    plot_sentiment.add_argument("--out", type=Path, default=Path("results/sentiment.png"), help="PNG to write")
+    plot_sentiment.add_argument(
+        "--out", type=Path, default=Path("results/sentiment.png"), help="PNG to write (default results/sentiment.png)"
+    )
 
-    bench = sub.add_parser("bench", parents=[common], help="benchmarks (baseline and finpulse side by side)")
+    bench = sub.add_parser(
+        "bench",
+        parents=flags("kafka", "history", "adapters", "device"),
+        help="benchmarks (baseline and finpulse side by side)",
+    )
     bench.add_argument(
         "which",
         choices=["score", "cl", "faults", "history"],
         help="score: scorer vs pipeline; cl: continual learning; faults: bad input, kills, broker restart; "
         "history: the lake vs the DuckDB file at --rows",
     )
-    bench.add_argument("--messages", type=positive_int, default=1000, help="score: messages per contender")
+    bench.add_argument(
+        "--messages", type=positive_int, default=1000, help="score: messages per contender (default 1000)"
+    )
     bench.add_argument(
         "--quick",
         action="store_true",
@@ -240,14 +319,20 @@ def build_parser() -> Parser:
     bench.add_argument("--out", type=Path, help="where to write the JSON result (default results/bench-<which>.json)")
 
     learn = sub.add_parser(
-        "learn", parents=[common], help="run the learner: news.labels → new adapter versions, gated and promoted"
+        "learn",
+        parents=flags("kafka", "history", "adapters", "metrics"),
+        help="run the learner: news.labels → new adapter versions, gated and promoted",
     )
     learn.add_argument("--now", action="store_true", help="form an experience from the waiting labels right away")
     learn.add_argument("--once", action="store_true", help="read the labels there are, learn once, and exit")
-    learn.add_argument("--task", choices=["sentiment", "topic"], action="append", help="only this task (repeatable)")
+    learn.add_argument(
+        "--task", choices=["sentiment", "topic"], action="append", help="only this task (repeatable; default: both)"
+    )
     learn.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
-    subscribe = sub.add_parser("subscribe", parents=[common], help="add an alert subscription (a webhook + filters)")
+    subscribe = sub.add_parser(
+        "subscribe", parents=flags("history"), help="add an alert subscription (a webhook + filters)"
+    )
     subscribe.add_argument("name", help="a unique name for the subscription, e.g. fx-desk")
     subscribe.add_argument(
         "--url", required=True, help="https webhook that receives the alerts (http only for dispatcher.allowed_hosts)"
@@ -255,30 +340,44 @@ def build_parser() -> Parser:
     subscribe.add_argument("--topic", action="append", default=[], help="only alerts on this topic (repeatable)")
     subscribe.add_argument("--ticker", action="append", default=[], help="only alerts on this ticker (repeatable)")
     subscribe.add_argument(
-        "--min-severity", choices=["info", "warning", "critical"], default="info", help="least severity delivered"
+        "--min-severity",
+        choices=["info", "warning", "critical"],
+        default="info",
+        help="least severity delivered (default info: every alert)",
     )
 
-    unsubscribe = sub.add_parser("unsubscribe", parents=[common], help="remove a subscription by id or name")
+    unsubscribe = sub.add_parser("unsubscribe", parents=flags("history"), help="remove a subscription by id or name")
     unsubscribe.add_argument("subscription", help="id or name")
 
-    subs = sub.add_parser("subscriptions", parents=[common], help="list alert subscriptions")
+    subs = sub.add_parser("subscriptions", parents=flags("history"), help="list alert subscriptions")
     subs.add_argument("--all", action="store_true", help="include removed subscriptions")
 
     dispatch = sub.add_parser(
-        "dispatch", parents=[common], help="run the dispatcher: Alertmanager webhook → subscribers"
+        "dispatch", parents=flags("history"), help="run the dispatcher: Alertmanager webhook → subscribers"
     )
-    dispatch.add_argument("--port", type=int, help="listen port (dispatcher.port); 0 = any free one")
+    dispatch.add_argument(
+        "--port", type=int, help=f"listen port (dispatcher.port; default {defaults.dispatcher.port}); 0 = any free one"
+    )
 
     models = sub.add_parser("models", help="list, inspect, promote or roll back adapter versions")
-    models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=Parser)
-    models_list = models_sub.add_parser("list", parents=[common], help="list the adapter versions, newest first")
-    models_list.add_argument("--task", choices=["sentiment", "topic"], help="only this task")
+    models_sub = models.add_subparsers(
+        dest="models_command", required=True, parser_class=Parser, help="what to do with the registry"
+    )
+    models_list = models_sub.add_parser(
+        "list", parents=flags("history", "adapters"), help="list the adapter versions, newest first"
+    )
+    models_list.add_argument("--task", choices=["sentiment", "topic"], help="only this task (default: both)")
     models_list.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    models_show = models_sub.add_parser("show", parents=[common], help="one version: status, lineage, model card")
+    models_show = models_sub.add_parser(
+        "show", parents=flags("history", "adapters"), help="one version: status, lineage, model card"
+    )
     models_show.add_argument("version", help="e.g. sentiment-v2")
     models_show.add_argument("--json", action="store_true", help="print one JSON object")
+    # Promote and roll back announce the change on model.updates, hence Kafka.
     models_promote = models_sub.add_parser(
-        "promote", parents=[common], help="make a version the champion now, skipping the learner's held-out gate"
+        "promote",
+        parents=flags("kafka", "history", "adapters"),
+        help="make a version the champion now, skipping the learner's held-out gate",
     )
     models_promote.add_argument("version", help="e.g. sentiment-v2")
     models_promote.add_argument("--reason", help="why, for the model_events log (default: manual promotion)")
@@ -289,9 +388,11 @@ def build_parser() -> Parser:
         help="serve it to this domain only (model.domains; default: default)",
     )
     models_rollback = models_sub.add_parser(
-        "rollback", parents=[common], help="serve the champion's parent (or --to VERSION) again"
+        "rollback",
+        parents=flags("kafka", "history", "adapters"),
+        help="serve the champion's parent (or --to VERSION) again",
     )
-    models_rollback.add_argument("task", choices=["sentiment", "topic"])
+    models_rollback.add_argument("task", choices=["sentiment", "topic"], help="whose champion to roll back")
     models_rollback.add_argument("--to", metavar="VERSION", help="a version that served before (default: the parent)")
     models_rollback.add_argument("--reason", help="why, for the model_events log")
     models_rollback.add_argument(
@@ -301,7 +402,12 @@ def build_parser() -> Parser:
         help="roll back this domain's champion (with nothing earlier of its own, it serves the default's again)",
     )
 
-    sub.add_parser("config", parents=[common], help="print the effective configuration")
+    # Every group: it shows what each flag would set.
+    sub.add_parser(
+        "config",
+        parents=flags("kafka", "history", "adapters", "device", "metrics"),
+        help="print the effective configuration",
+    )
     return parser
 
 
@@ -371,6 +477,7 @@ def cmd_bootstrap(args: argparse.Namespace, config: AppConfig, console: Console)
 
 def cmd_score(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
     """Run one scorer until interrupted."""
+    require_catalog(config.storage)  # before torch is imported: a wrong catalog costs a second, not five
     from finpulse.runtime import build_scorer, connect
 
     cluster = connect(config)
@@ -400,6 +507,7 @@ def cmd_query(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     """Run a read-only query and print the result."""
     from storage import History
 
+    require_catalog(config.storage)
     history = History(config.storage)
     result = history.query(args.sql, timeout_s=args.timeout, as_of=_as_of(args.as_of))
     if args.format == "csv":
@@ -415,6 +523,7 @@ def cmd_search(args: argparse.Namespace, config: AppConfig, console: Console) ->
     """Print the newest rows holding every word (the lake's word table: fast at millions of rows)."""
     from storage import History
 
+    require_catalog(config.storage)
     result = History(config.storage).lake.search(args.words, limit=args.limit)
     if args.format == "csv":
         result.to_csv(sys.stdout)
@@ -429,6 +538,7 @@ def cmd_export(args: argparse.Namespace, config: AppConfig, console: Console) ->
     """Write the rows scored in [since, until) to one file."""
     from storage import History
 
+    require_catalog(config.storage)
     lake = History(config.storage).lake
     written = lake.export(args.path, format=args.format, since=args.since, until=args.until, as_of=_as_of(args.as_of))
     console.print(f"wrote {written} rows to {args.path} ({args.format})", highlight=False)
@@ -439,6 +549,7 @@ def cmd_migrate(args: argparse.Namespace, config: AppConfig, console: Console) -
     """Copy the news table of a DuckDB-file history into the lake; running it again copies nothing twice."""
     from storage import History
 
+    require_catalog(config.storage)
     source = args.source or config.storage.duckdb_path
     history = History(config.storage)
     done = history.lake.migrate_from_duckdb(source)
@@ -454,6 +565,7 @@ def cmd_compact(args: argparse.Namespace, config: AppConfig, console: Console) -
     """Merge small files, flush inlined rows and expire old snapshots (scorers also do this when it is due)."""
     from storage import History
 
+    require_catalog(config.storage)
     done = History(config.storage).lake.compact()
     console.print(f"compacted: {done}", highlight=False)
     return 0
@@ -486,6 +598,8 @@ def cmd_label(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     from finpulse.runtime import connect
     from storage import History
 
+    if args.label_action == "suggest" or args.query is not None:  # labels from a file need no history
+        require_catalog(config.storage)
     history = History(config.storage)
     if args.label_action == "suggest":
         found = suggestions(history, args.task, args.n, args.since_hours)
@@ -529,6 +643,7 @@ def cmd_plot(args: argparse.Namespace, config: AppConfig, console: Console) -> i
         if since is None:
             sys.stderr.write(f"finpulse plot: --since {args.since[:40]!r} is not RFC 3339 (2026-12-01T09:00:00Z)\n")
             return 2
+    require_catalog(config.storage)
     series = sentiment_series(History(config.storage), args.topic, since, args.by)
     alerts = f"{len(series.alerts)} alert{'' if len(series.alerts) == 1 else 's'} fired"
     title = f"negative share, {args.topic or 'all topics'}: {sum(series.volume)} messages, {alerts}"
@@ -677,6 +792,7 @@ def _bench_cl_from_champion(args: argparse.Namespace, config: AppConfig, console
 
 def cmd_learn(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
     """Run the learner until interrupted (or once, with --once)."""
+    require_catalog(config.storage)  # before torch is imported, as for the scorer
     from prometheus_client import CollectorRegistry
 
     from finpulse.learn import Learner
@@ -1039,6 +1155,11 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def one_line(text: str) -> str:
+    """Return `text` on one line: a driver's message (libpq's through DuckDB, say) may carry line breaks."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; errors are one line on stderr."""
     args = build_parser().parse_args(argv)
@@ -1054,10 +1175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, overrides=_overrides(args))
         return COMMANDS[args.command](args, config, console)
     except ConfigError as e:
-        sys.stderr.write(f"finpulse: {e}\n")
+        sys.stderr.write(f"finpulse: {one_line(str(e))}\n")
         return 2
     except KNOWN_ERRORS as e:
-        sys.stderr.write(f"finpulse {args.command}: error: {e}\n")
+        sys.stderr.write(f"finpulse {args.command}: error: {one_line(str(e))}\n")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,4 +1,5 @@
-"""The command line: one-line errors naming what to fix, query output formats, and the demo's JSON summary."""
+"""The command line: one-line errors naming what to fix (bad flags and settings, servers it cannot reach), query
+output formats, and the demo's JSON summary."""
 
 from __future__ import annotations
 
@@ -127,8 +128,6 @@ def test_demo_json_summary(
         str(tmp_path / "finpulse.duckdb"),
         "--adapters-dir",
         str(adapters_dir),
-        "--metrics-port",
-        "0",
         "--device",
         "cpu",
         "--no-alerts",
@@ -325,3 +324,137 @@ def test_the_preflight_passes_a_real_broker_even_after_a_dead_server(kafka_boots
 
     require_broker(kafka_bootstrap)
     require_broker(f"{_closed_port()},{kafka_bootstrap}")  # clients bootstrap from any server that answers
+
+
+# A password no error line may show.
+CATALOG_PASSWORD = "pw-never-printed-7"
+
+
+def _unreachable_catalog(kind: str) -> tuple[str, str]:
+    """Return the DSN of a PostgreSQL catalog that cannot be reached, and the `host:port` an error names."""
+    if kind == "closed port":
+        host, _, port = _closed_port().partition(":")
+    else:
+        host, port = "no-such-host.invalid", "5432"
+    return f"host={host} port={port} dbname=finpulse user=finpulse password={CATALOG_PASSWORD}", f"{host}:{port}"
+
+
+CATALOG_FAILURES = pytest.mark.parametrize(
+    ("kind", "what"),
+    [("closed port", "connection refused"), ("unresolvable name", "host does not resolve")],
+    ids=["closed-port", "unresolvable-name"],
+)
+
+
+@CATALOG_FAILURES
+@pytest.mark.parametrize("argv", [["query", "SELECT 1"], ["score"]], ids=["query", "score"])
+def test_an_unreachable_catalog_fails_fast_with_one_line(
+    kind: str, what: str, argv: list[str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    dsn, server = _unreachable_catalog(kind)
+    env = {
+        **os.environ,
+        "FINPULSE_STORAGE__LAKE__CATALOG": "postgres",
+        "FINPULSE_STORAGE__LAKE__POSTGRES_DSN": dsn,
+        "FINPULSE_STORAGE__DUCKDB_PATH": str(tmp_path / "h.duckdb"),
+        "FINPULSE_KAFKA__DATA_DIR": str(tmp_path / "kafka"),
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "finpulse.cli", *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    request.node.user_properties.append(("wall_s", round(time.monotonic() - started, 2)))  # target ≤ 10 s
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"finpulse {argv[0]}: error: cannot reach PostgreSQL (the lake's catalog) at ")
+    assert f"{server} ({what}" in lines[0]
+    assert "storage.lake.postgres_dsn" in lines[0] and "FINPULSE_STORAGE__LAKE__POSTGRES_DSN" in lines[0]
+    assert CATALOG_PASSWORD not in done.stderr + done.stdout
+    assert not (tmp_path / "kafka").exists(), "no broker was started for a command that cannot go on"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["search", "oil"],
+        ["export", "out.parquet"],
+        ["migrate"],
+        ["compact"],
+        ["label", "suggest"],
+        ["label", "send", "--query", "SELECT id, text, sentiment FROM news"],
+        ["plot", "sentiment"],
+        ["learn", "--once"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_every_command_on_the_lake_checks_its_catalog_first(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn, server = _unreachable_catalog("closed port")
+    monkeypatch.setenv("FINPULSE_STORAGE__LAKE__CATALOG", "postgres")
+    monkeypatch.setenv("FINPULSE_STORAGE__LAKE__POSTGRES_DSN", dsn)
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--duckdb-path", str(tmp_path / "h.duckdb")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot reach PostgreSQL (the lake's catalog) at {server} (connection" in err
+    assert CATALOG_PASSWORD not in err
+
+
+def test_a_catalog_error_of_libpq_is_one_line_without_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Unix socket is left to libpq, whose message spans two lines.
+    socket_dir = tmp_path / "no-server-here"
+    dsn = f"host={socket_dir} dbname=finpulse user=finpulse password={CATALOG_PASSWORD}"
+    monkeypatch.setenv("FINPULSE_STORAGE__LAKE__CATALOG", "postgres")
+    monkeypatch.setenv("FINPULSE_STORAGE__LAKE__POSTGRES_DSN", dsn)
+    assert main(["query", "SELECT 1", "--duckdb-path", str(tmp_path / "h.duckdb")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("finpulse query: error: ") and str(socket_dir) in err
+    assert CATALOG_PASSWORD not in err
+
+
+@pytest.mark.parametrize(
+    ("dsn", "servers"),
+    [
+        ("host=db dbname=f", [("db", 5432)]),
+        ("host=db port=6432 dbname=f", [("db", 6432)]),
+        ("host=a,b port=1,2 dbname=f", [("a", 1), ("b", 2)]),
+        ("host=a,b port=7 dbname=f", [("a", 7), ("b", 7)]),
+        ("host=db hostaddr=10.0.0.5 port=7 dbname=f", [("10.0.0.5", 7)]),
+        ("host=/var/run/postgresql dbname=f", []),  # a Unix socket: libpq's to check
+        ("host=/tmp,db dbname=f", [("db", 5432)]),
+        ("dbname=f", []),  # libpq's defaults (PGHOST, the local socket)
+    ],
+)
+def test_the_catalog_servers_probed(dsn: str, servers: list[tuple[str, int]]) -> None:
+    from storage.lake_config import parse_dsn
+    from storage.preflight import _postgres_servers
+
+    assert _postgres_servers(parse_dsn(dsn)) == servers
+
+
+def test_the_catalog_check_passes_when_any_server_listens(tmp_path: Path) -> None:
+    from storage.lake_config import LakeConfig
+    from storage.preflight import require_catalog
+
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        closed = _closed_port().partition(":")[2]
+        dsn = f"host=127.0.0.1,127.0.0.1 port={closed},{port} dbname=finpulse password={CATALOG_PASSWORD}"
+        lake = LakeConfig(data_dir=tmp_path, catalog="postgres", postgres_dsn=dsn)
+        require_catalog(StorageConfig(duckdb_path=tmp_path / "h.duckdb", lake=lake))  # libpq tries each in turn
+
+
+def test_a_silent_catalog_server_costs_the_timeout_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from storage.preflight import _probe_tcp
+
+    def dropped(*args: object, **kwargs: object) -> socket.socket:
+        time.sleep(2)  # longer than the check waits: a host whose packets a firewall drops
+        raise TimeoutError
+
+    monkeypatch.setattr(socket, "create_connection", dropped)
+    started = time.monotonic()
+    assert _probe_tcp([("db", 5432)], timeout_s=0.2) == {"db:5432": "no connection within 0.2 s"}
+    assert time.monotonic() - started < 1
