@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finpulse.errors import ConfigError
 from learner.config import ContinualConfig, ModelConfig, TrainConfig
-from monitor.config import DispatcherConfig, MetricsConfig
+from monitor.config import AlertRulesConfig, DispatcherConfig, MetricsConfig
 from storage.config import StorageConfig
 from stream.config import KafkaConfig, ScorerConfig
 
@@ -41,6 +41,9 @@ class AppConfig(BaseModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
+    # The alert rules' windows and time base. With time_base = "event" every scorer keeps event-time windows of
+    # these lengths; Prometheus must run the rules generated with the same values (python -m monitor.rules).
+    alerts: AlertRulesConfig = Field(default_factory=AlertRulesConfig)
 
 
 def load_config(

@@ -23,6 +23,7 @@ from finpulse.replay import LabelledItem, ReplayProducer, labelled_stream, malfo
 from finpulse.runtime import Cluster, build_scorer, connect
 from learner.labels import SENTIMENTS
 from learner.metrics import accuracy, macro_f1
+from monitor.config import AlertRulesConfig
 from monitor.metrics import MetricsServer
 from storage import History
 from storage.history import lake_dir_of
@@ -131,6 +132,8 @@ def run_demo(
             ),
             # Any free port: a second demo, or a scorer already on 9464, must not stop this one.
             "metrics": config.metrics.model_copy(update={"port": 0}),
+            # The compressed-time rules (a 30 s window), in the time base the config asks for.
+            "alerts": AlertRulesConfig.fast().model_copy(update={"time_base": config.alerts.time_base}),
         }
     )
     pace = "full speed" if rate == 0 else f"{rate:g}/s"
@@ -376,7 +379,7 @@ def _start_alerting(
     data_dir = config.storage.duckdb_path.parent / "demo-prometheus"
     # A fresh TSDB each run: the last demo's counters would otherwise overlap this one's in the rate windows.
     shutil.rmtree(data_dir / "tsdb", ignore_errors=True)
-    stack = AlertStack(data_dir, config.storage)
+    stack = AlertStack(data_dir, config.storage, rules=config.alerts)
     stack.subscribe(ENERGY_DESK, subscribers.serve(ENERGY_DESK), topics=(SPIKE_TOPIC,))
     stack.subscribe(FED_DESK, subscribers.serve(FED_DESK), topics=("Fed / Central Banks",))
     stack.start([f"{server.host}:{server.port}"])

@@ -90,7 +90,7 @@ def build_scorer(
     """Load the champion adapters and build a scorer (and its /metrics server)."""
     set_compute_threads(config.scorer.threads)
     classifier = Classifier.from_store(config.model, config.scorer.device)
-    metrics = ScorerMetrics()
+    metrics = ScorerMetrics(rules=config.alerts)
     server = MetricsServer(metrics.registry, config.metrics) if serve_metrics else None
     scorer = Scorer(
         cluster.connection,

@@ -3,7 +3,7 @@
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any, Final, Self
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
@@ -230,6 +230,14 @@ class AlertRulesConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     job: str = Field("finpulse-scorer", min_length=1, description="Prometheus job that scrapes the scorers.")
+    time_base: Literal["processing", "event"] = Field(
+        "processing",
+        description="What the sentiment windows measure. `processing`: when the scorers scored each post "
+        "(rates over the counters). `event`: when it was published (`published_at`), from the event-time "
+        "windows every scorer keeps and exports; a replay or a backlog after an outage then lands in the "
+        "windows of its own time instead of in the last few minutes. Give the scorers the same config, so "
+        "that they keep the windows these rules read (EventWindowsMismatch fires when one does not).",
+    )
     window: Duration = Field(
         "5m",
         description="Window of the current negative share and volume. At a 15 s scrape it holds 20 samples, "
