@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +25,7 @@ from monitor.metrics import ScorerMetrics
 from storage import History
 from stream.config import RECONNECT_BACKOFF_MAX_MS, KafkaConfig, ScorerConfig, TopicNames
 from stream.connection import Target, client_kwargs
-from stream.containment import Containment, Stopping
+from stream.containment import Contained, Containment, Stopping
 from stream.errors import StreamError
 from stream.lag import LagMonitor
 from stream.messages import Invalid, NewsItem, dead_letter, parse_news, unprocessable
@@ -73,6 +74,18 @@ class BatchOutcome:
     scored: list[tuple[NewsItem, Prediction]]
     dead_lettered: int
     duplicates: int
+
+
+@dataclass
+class _Prepared:
+    """A batch parsed and checked for duplicates, its model running on the inference thread."""
+
+    records: Sequence[Record]
+    refused: list[tuple[Record, Invalid]]
+    duplicates: int
+    inferred: Future[Contained[tuple[Record, NewsItem], Prediction]]
+    started: float
+    ids: frozenset[str]  # of the messages being scored
 
 
 class Scorer:
@@ -132,6 +145,9 @@ class Scorer:
             else [ScoredTopicSink(self.producer, topics.scored, str(bootstrap_servers)), HistorySink(history)]
         )
         self._contain = Containment(self._wait_until_up, on_retry=self._count_retry)
+        # One thread runs the model, so batch N+1's inference overlaps batch N's sinks and commit, which stay on
+        # this thread with the consumer (kafka-python's consumer is not thread-safe). Torch releases the GIL.
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-inference")
         self.domains = DomainTable(model_config.domains if model_config is not None else None)
         self._stop = threading.Event()
         metrics.set_versions(classifier.versions)
@@ -175,38 +191,53 @@ class Scorer:
                     sink.close()
             if self.swapper is not None:
                 self.swapper.close()
+            self._inference.shutdown(wait=True, cancel_futures=True)
             self.producer.close(timeout=10)
             self.consumer.close()
 
     def run(self, stop: threading.Event, until: Callable[[ScorerStats], bool] | None = None) -> ScorerStats:
-        """Score until `stop` is set or `until(stats)` holds."""
+        """Score until `stop` is set or `until(stats)` holds.
+
+        Two batches are in hand at a time: while the model scores the newer one, the older one is written to
+        the sinks and committed, in order. A batch in flight when the scorer stops is not committed: the
+        partition's next owner scores it again, and the history's duplicate check keeps one row per message.
+        """
         self._stop = stop
         failures = 0
+        pending: _Prepared | None = None
         while not stop.is_set():
             try:
-                records = self._gather(stop)
+                # With a batch in flight, take only what has arrived: that batch must not wait for the next.
+                records = self._gather(stop, idle_ms=0 if pending is not None else 500)
             except KafkaError as e:
                 # The consumer reconnects by itself; a poll that raises (a coordinator moving, say) is retried.
                 failures += 1
                 log.warning("event=poll_failed error=%s detail=%r", type(e).__name__, str(e)[:200])
                 stop.wait(min(_OUTAGE_MAX_S, _OUTAGE_FIRST_S * failures))
                 continue
-            # Models change only here, between batches: every batch is scored, and its rows named, by one version.
+            # Models change only here, between batches; each batch reads one snapshot of them, so its rows are
+            # named by the versions that scored them even when a swap lands while it is in flight.
             if self.swapper is not None and self.swapper.between_batches():
                 self.metrics.set_versions(self.classifier.versions)
-            if records:
-                try:
-                    self.handle(records)
+            prepared: _Prepared | None = None
+            try:
+                if records:
+                    prepared = self._prepare(records, pending.ids if pending is not None else frozenset())
+                if pending is not None:
+                    self._finish(pending)
                     failures = 0
-                except Stopping:
-                    break  # asked to stop during an outage: the batch is not committed, its next owner replays it
-                except Exception as e:
-                    # Not about one record (those are dead-lettered inside handle): rewind and try the batch again,
-                    # backing off, rather than exit and come back in a crash loop.
-                    failures += 1
-                    log.error("event=batch_failed error=%s detail=%r", type(e).__name__, str(e)[:300])
-                    self._rewind(records)
-                    stop.wait(min(_OUTAGE_MAX_S, _OUTAGE_FIRST_S * failures))
+            except Stopping:
+                break  # asked to stop during an outage: nothing in hand is committed, the next owner replays it
+            except Exception as e:
+                # Not about one record (those are dead-lettered inside): rewind what is in hand and try again,
+                # backing off, rather than exit and come back in a crash loop.
+                failures += 1
+                log.error("event=batch_failed error=%s detail=%r", type(e).__name__, str(e)[:300])
+                self._rewind([*(pending.records if pending else ()), *(prepared.records if prepared else ())])
+                pending = None
+                stop.wait(min(_OUTAGE_MAX_S, _OUTAGE_FIRST_S * failures))
+                continue
+            pending = prepared
             if until is not None and until(self.stats):
                 break
         return self.stats
@@ -222,13 +253,14 @@ class Scorer:
             with contextlib.suppress(KafkaError, AssertionError, ValueError):
                 self.consumer.seek(tp, offset)
 
-    def _gather(self, stop: threading.Event) -> list[Record]:
-        """Collect up to max_batch records, waiting at most max_wait_ms once the first one arrives."""
+    def _gather(self, stop: threading.Event, idle_ms: int = 500) -> list[Record]:
+        """Collect up to max_batch records, waiting at most max_wait_ms once the first one arrives (and up to
+        `idle_ms` for it)."""
         records: list[Record] = []
         deadline: float | None = None
         while len(records) < self.config.max_batch and not stop.is_set():
             if deadline is None:
-                timeout_ms = 500  # idle: wake up now and then to notice `stop`
+                timeout_ms = idle_ms  # idle: wake up now and then to notice `stop`
             else:
                 timeout_ms = int((deadline - time.monotonic()) * 1000)
                 if timeout_ms <= 0:
@@ -246,11 +278,17 @@ class Scorer:
 
     def handle(self, records: Sequence[Record]) -> BatchOutcome:
         """Score one batch, write it to every sink, dead-letter what cannot be handled, and commit its offsets."""
+        return self._finish(self._prepare(records))
+
+    def _prepare(self, records: Sequence[Record], in_flight: frozenset[str] = frozenset()) -> _Prepared:
+        """Parse a batch, drop the ids already stored or in the batch in flight (`in_flight`), and start its
+        model on the inference thread."""
         started = time.perf_counter()
         refused: list[tuple[Record, Invalid]] = []
         valid: list[tuple[Record, NewsItem]] = []
         duplicates = 0
-        seen: set[str] = set()
+        # The batch in flight is not stored yet: its ids would pass the history's check.
+        seen: set[str] = set(in_flight)
         for record in records:
             parsed = self._parse(record)
             if isinstance(parsed, Invalid):
@@ -267,10 +305,19 @@ class Scorer:
         refused.extend((record, unprocessable(error)) for (record, _), error in known.poison)
         fresh = [pair for pair, stored in known.results if not stored]
         duplicates += sum(1 for _, stored in known.results if stored)
+        inferred = self._inference.submit(self._infer, fresh)
+        return _Prepared(records, refused, duplicates, inferred, started, frozenset(item.id for _, item in fresh))
 
+    def _infer(self, fresh: list[tuple[Record, NewsItem]]) -> Contained[tuple[Record, NewsItem], Prediction]:
         with self._stage("model"):
-            # A model error is not an outage; bisection also halves a batch that ran out of (GPU) memory.
-            inferred = self._contain.run("model", fresh, self._predict, retries=0)
+            # A model error is not an outage (no probe: this thread never waits on the consumer); bisection
+            # also halves a batch that ran out of (GPU) memory.
+            return self._contain.run("model", fresh, self._predict, retries=0)
+
+    def _finish(self, prepared: _Prepared) -> BatchOutcome:
+        """Take a prepared batch's predictions, write them to every sink, dead-letter, commit, account."""
+        records, refused, duplicates = prepared.records, prepared.refused, prepared.duplicates
+        inferred = prepared.inferred.result()
         refused.extend((record, unprocessable(error)) for (record, _), error in inferred.poison)
         scored_at = datetime.now(UTC)
         batch = [Scored(record, item, prediction, scored_at) for (record, item), prediction in inferred.results]
@@ -283,7 +330,8 @@ class Scorer:
             batch = [s for s, _ in written.results]
             raced = {s.item.id for s, duplicate in written.results if duplicate}
             if raced:
-                # Another scorer stored these between our check and our write (a rebalance): duplicates.
+                # Stored between our check and our write, by another scorer (a rebalance) or by the batch before
+                # this one, still in flight at the check: duplicates.
                 duplicates += len(raced)
                 batch = [s for s in batch if s.item.id not in raced]
 
@@ -295,7 +343,7 @@ class Scorer:
         with self._stage("commit"):
             self._commit(records)
         try:
-            self._account(records, batch, len(refused), duplicates, scored_at, started)
+            self._account(records, batch, len(refused), duplicates, scored_at, prepared.started)
         except Exception as e:  # the batch is committed: a metric must not take the process down with it
             log.error("event=accounting_failed error=%s detail=%r", type(e).__name__, str(e)[:200])
         return BatchOutcome([(s.item, s.prediction) for s in batch], len(refused), duplicates)
@@ -432,6 +480,7 @@ class Scorer:
             m.scored.labels(topic=prediction.topic, sentiment=prediction.sentiment).inc()
             for ticker in watchlist.intersection(item.tickers):
                 m.ticker_scored.labels(ticker=ticker, sentiment=prediction.sentiment).inc()
+            m.count_published(item.published_at, prediction.topic, prediction.sentiment, item.tickers)
             s.by_sentiment[prediction.sentiment] = s.by_sentiment.get(prediction.sentiment, 0) + 1
         for record in records:
             if record.timestamp is not None and record.timestamp > 0:
