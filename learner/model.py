@@ -365,6 +365,12 @@ class Classifier:
         with self._lock:
             return {task: served[DEFAULT_DOMAIN].version for task, served in self._served.items()}
 
+    @property
+    def serving(self) -> dict[str, dict[str, str]]:
+        """Return the version serving each task in each domain that has its own (the default domain included)."""
+        with self._lock:
+            return {task: {domain: m.version for domain, m in served.items()} for task, served in self._served.items()}
+
     def domain_versions(self, task: Task) -> dict[str, str]:
         """Return the version serving a task in each domain that has its own (the default domain included)."""
         with self._lock:

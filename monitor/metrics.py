@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from wsgiref.simple_server import WSGIServer
@@ -101,8 +101,9 @@ class ScorerMetrics:
         )
         self.model_info = Gauge(
             "finpulse_model_version_info",
-            "Adapter version serving each task (value 1).",
-            ["task", "version"],
+            "Adapter version serving each task in each domain with its own (value 1); other domains are served "
+            'the domain="default" one.',
+            ["task", "domain", "version"],
             registry=r,
         )
         self.last_batch = Gauge(
@@ -130,7 +131,7 @@ class ScorerMetrics:
         self.broker_up = Gauge(
             "finpulse_broker_up", "1 while the Kafka cluster answers this scorer's lag checks.", registry=r
         )
-        self._versions: dict[str, str] = {}
+        self._versions: set[tuple[str, str, str]] = set()
 
     def declare(self, topics: Iterable[str], sentiments: Iterable[str], tickers: Iterable[str] = ()) -> None:
         """Export every topic × sentiment (and ticker × sentiment) series at 0 before the first message.
@@ -165,16 +166,16 @@ class ScorerMetrics:
             self.paused.labels(stage=stage).set(0)
             self.paused_seconds.labels(stage=stage)
 
-    def set_versions(self, versions: dict[str, str]) -> None:
-        """Expose the serving versions, dropping the series of versions no longer served."""
-        for task, version in versions.items():
-            old = self._versions.get(task)
-            if old == version:
-                continue
-            if old is not None:
-                self.model_info.remove(task, old)
-            self.model_info.labels(task=task, version=version).set(1)
-            self._versions[task] = version
+    def set_versions(self, versions: Mapping[str, Mapping[str, str]]) -> None:
+        """Expose the serving versions, task → domain → version, dropping the series of those no longer served."""
+        serving = {
+            (task, domain, version) for task, by_domain in versions.items() for domain, version in by_domain.items()
+        }
+        for gone in self._versions - serving:
+            self.model_info.remove(*gone)
+        for task, domain, version in serving - self._versions:
+            self.model_info.labels(task=task, domain=domain, version=version).set(1)
+        self._versions = serving
 
     def set_consumer_lag(self, lags: dict[int, int]) -> None:
         """Set the lag of every assigned partition; partitions no longer assigned are dropped."""

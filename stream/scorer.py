@@ -150,7 +150,7 @@ class Scorer:
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-inference")
         self.domains = DomainTable(model_config.domains if model_config is not None else None)
         self._stop = threading.Event()
-        metrics.set_versions(classifier.versions)
+        metrics.set_versions(classifier.serving)
         models = classifier.models
         metrics.declare(models["topic"].labels, models["sentiment"].labels, config.watchlist)
         metrics.declare_stages([sink.name for sink in self.sinks] + ["dedupe", "model", "dlq", "commit"])
@@ -218,7 +218,7 @@ class Scorer:
             # Models change only here, between batches; each batch reads one snapshot of them, so its rows are
             # named by the versions that scored them even when a swap lands while it is in flight.
             if self.swapper is not None and self.swapper.between_batches():
-                self.metrics.set_versions(self.classifier.versions)
+                self.metrics.set_versions(self.classifier.serving)
             prepared: _Prepared | None = None
             try:
                 if records:

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from learner.adapters import AdapterStore
+from learner.domains import DEFAULT_DOMAIN
 from learner.errors import ModelLoadError
 from learner.labels import TASKS, Task
 from stream.broker import LocalBroker
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from learner.model import Classifier, TaskModel
 
 log = logging.getLogger(__name__)
+# The domain label of a failure to read a task's CHAMPION files: it concerns every domain of the task.
+POINTERS = "champion-files"
 
 UpdateEvent = Literal["promoted", "rolled_back", "manual"]
 _VERSION = re.compile(r"^(sentiment|topic)-v\d+$")
@@ -235,24 +238,29 @@ class UpdateListener:
 
 
 class SwapMetrics:
-    """Hot-swap metrics of one scorer, in its registry; every task's series exist from the start."""
+    """Hot-swap metrics of one scorer, by task and domain; the default domain's exist from the start."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.swaps = Counter(
-            "finpulse_model_swaps", "Adapter versions swapped in while serving, by task.", ["task"], registry=registry
+            "finpulse_model_swaps",
+            "Adapter versions swapped in while serving (or a domain's withdrawn, back to the default's), by task "
+            "and domain.",
+            ["task", "domain"],
+            registry=registry,
         )
         self.failures = Counter(
             "finpulse_model_swap_failures",
-            "Champion versions this scorer could not load (it kept serving the previous one), by task.",
-            ["task"],
+            "Champion versions this scorer could not load (it kept serving the previous one), by task and domain "
+            f"({POINTERS!r}: the CHAMPION files themselves could not be read).",
+            ["task", "domain"],
             registry=registry,
         )
 
     def declare(self) -> None:
-        """Export the counters at 0 for every task, before the first swap."""
+        """Export the counters at 0 for every task in the default domain, before the first swap."""
         for task in TASKS:
-            self.swaps.labels(task=task)
-            self.failures.labels(task=task)
+            self.swaps.labels(task=task, domain=DEFAULT_DOMAIN)
+            self.failures.labels(task=task, domain=DEFAULT_DOMAIN)
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -333,7 +341,7 @@ class ModelSwapper:
             # Logged and counted once per distinct problem: the periodic check would repeat it forever.
             if self._pointer_error.get(task) != str(e):
                 self._pointer_error[task] = str(e)
-                self.metrics.failures.labels(task=task).inc()
+                self.metrics.failures.labels(task=task, domain=POINTERS).inc()
                 log.error("event=model_swap_failed task=%s error=%r", task, str(e))
             return
         self._pointer_error.pop(task, None)
@@ -342,7 +350,7 @@ class ModelSwapper:
             # The domain's own champion was withdrawn: it is served the default domain's again.
             self._champion.pop((task, domain), None)
             dropped = self.classifier.drop(task, domain)
-            self.metrics.swaps.labels(task=task).inc()
+            self.metrics.swaps.labels(task=task, domain=domain).inc()
             log.info("event=model_swapped task=%s domain=%s version=default previous=%s", task, domain, dropped)
         for domain, champion in champions.items():
             self._champion[(task, domain)] = champion
@@ -370,7 +378,7 @@ class ModelSwapper:
             error = future.exception()
             if error is not None:
                 self._failed[(task, domain)] = (version, fingerprint)
-                self.metrics.failures.labels(task=task).inc()
+                self.metrics.failures.labels(task=task, domain=domain).inc()
                 log.error(
                     "event=model_swap_failed task=%s domain=%s version=%s serving=%s error=%r",
                     task,
@@ -385,7 +393,7 @@ class ModelSwapper:
                 log.info("event=model_load_discarded task=%s domain=%s version=%s", task, domain, version)
                 continue
             previous = self.classifier.swap(future.result(), domain)
-            self.metrics.swaps.labels(task=task).inc()
+            self.metrics.swaps.labels(task=task, domain=domain).inc()
             log.info("event=model_swapped task=%s domain=%s version=%s previous=%s", task, domain, version, previous)
             swapped = True
         return swapped

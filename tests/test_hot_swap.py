@@ -191,7 +191,7 @@ def _settle(swapper: ModelSwapper, timeout_s: float = 10) -> bool:
 def test_swapper_loads_aside_and_swaps_between_batches(tmp_path: Path) -> None:
     swapper, store, loader, listener, registry = _swapper(tmp_path)
     assert not swapper.between_batches() and loader.calls == []  # serving the champion: nothing to load
-    assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 0
+    assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment", "domain": "default"}) == 0
 
     loader.gate.clear()  # the load is slow: batches go on with the old version meanwhile
     store.set_champion("sentiment", "sentiment-v2")
@@ -202,8 +202,8 @@ def test_swapper_loads_aside_and_swaps_between_batches(tmp_path: Path) -> None:
     loader.gate.set()
     assert _settle(swapper)
     assert swapper.classifier.versions == {"sentiment": "sentiment-v2", "topic": "topic-v1"}
-    assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 1
-    assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "topic"}) == 0
+    assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment", "domain": "default"}) == 1
+    assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "topic", "domain": "default"}) == 0
     swapper.close()
     assert listener.closed
 
@@ -219,7 +219,9 @@ def test_swapper_does_not_retry_a_broken_version_in_a_loop(tmp_path: Path, caplo
             swapper.between_batches()
     assert loader.calls == ["sentiment-v2"]
     assert swapper.classifier.versions["sentiment"] == "sentiment-v1"
-    assert registry.get_sample_value("finpulse_model_swap_failures_total", {"task": "sentiment"}) == 1
+    assert (
+        registry.get_sample_value("finpulse_model_swap_failures_total", {"task": "sentiment", "domain": "default"}) == 1
+    )
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "sentiment-v2" in errors[0] and "\n" not in errors[0]
 
@@ -232,7 +234,9 @@ def test_swapper_does_not_retry_a_broken_version_in_a_loop(tmp_path: Path, caplo
     time.sleep(0.02)
     assert not _settle(swapper)
     assert loader.calls == ["sentiment-v2", "sentiment-v2"]
-    assert registry.get_sample_value("finpulse_model_swap_failures_total", {"task": "sentiment"}) == 2
+    assert (
+        registry.get_sample_value("finpulse_model_swap_failures_total", {"task": "sentiment", "domain": "default"}) == 2
+    )
     # A good version after the broken one is followed as usual.
     store.set_champion("sentiment", "sentiment-v3")
     listener.send("sentiment", "sentiment-v3")
@@ -253,7 +257,7 @@ def test_swapper_drops_a_load_the_champion_moved_away_from(tmp_path: Path) -> No
     loader.gate.set()
     assert not _settle(swapper)
     assert swapper.classifier.versions["sentiment"] == "sentiment-v1"
-    assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 0
+    assert registry.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment", "domain": "default"}) == 0
     swapper.close()
 
 
@@ -481,11 +485,21 @@ def test_promotion_mid_stream_swaps_between_batches_and_loses_nothing(
     _wait(lambda: _committed_equals_end(kafka_bootstrap, topics.raw, group), 15, "offsets to be committed")
 
     r = metrics.registry
-    assert r.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 1
-    assert r.get_sample_value("finpulse_model_swaps_total", {"task": "topic"}) == 0
-    assert r.get_sample_value("finpulse_model_swap_failures_total", {"task": "sentiment"}) == 0
-    assert r.get_sample_value("finpulse_model_version_info", {"task": "sentiment", "version": "sentiment-v2"}) == 1
-    assert r.get_sample_value("finpulse_model_version_info", {"task": "sentiment", "version": "sentiment-v1"}) is None
+    assert r.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment", "domain": "default"}) == 1
+    assert r.get_sample_value("finpulse_model_swaps_total", {"task": "topic", "domain": "default"}) == 0
+    assert r.get_sample_value("finpulse_model_swap_failures_total", {"task": "sentiment", "domain": "default"}) == 0
+    assert (
+        r.get_sample_value(
+            "finpulse_model_version_info", {"task": "sentiment", "domain": "default", "version": "sentiment-v2"}
+        )
+        == 1
+    )
+    assert (
+        r.get_sample_value(
+            "finpulse_model_version_info", {"task": "sentiment", "domain": "default", "version": "sentiment-v1"}
+        )
+        is None
+    )
 
 
 @pytest.mark.kafka
@@ -520,7 +534,7 @@ def test_broken_version_keeps_the_old_one_serving(
     store.set_champion("sentiment", "sentiment-v2")
     with UpdatePublisher(KafkaConfig(bootstrap_servers=kafka_bootstrap, topics=topics)) as publisher:
         publisher.publish("sentiment", "sentiment-v2", "promoted", "sentiment-v1")
-    failures = {"task": "sentiment"}
+    failures = {"task": "sentiment", "domain": "default"}
     r = metrics.registry
     _wait(lambda: r.get_sample_value("finpulse_model_swap_failures_total", failures) == 1, 30, "the failed load")
     _wait(lambda: history.count() >= count, 60, "every message to be scored")
@@ -533,8 +547,13 @@ def test_broken_version_keeps_the_old_one_serving(
     assert history.query("SELECT DISTINCT sentiment_version FROM news").rows == [("sentiment-v1",)]
     assert classifier.versions["sentiment"] == "sentiment-v1"
     assert r.get_sample_value("finpulse_model_swap_failures_total", failures) == 1
-    assert r.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment"}) == 0
-    assert r.get_sample_value("finpulse_model_version_info", {"task": "sentiment", "version": "sentiment-v1"}) == 1
+    assert r.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment", "domain": "default"}) == 0
+    assert (
+        r.get_sample_value(
+            "finpulse_model_version_info", {"task": "sentiment", "domain": "default", "version": "sentiment-v1"}
+        )
+        == 1
+    )
     errors = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert len(errors) == 1 and "sentiment-v2" in errors[0] and "\n" not in errors[0]
 
@@ -557,7 +576,8 @@ def test_a_domain_promotion_changes_nothing_served_to_other_domains(
     classifier = Classifier.from_store(model, "cpu")
     history = History(StorageConfig(duckdb_path=tmp_path / "h.duckdb"))
     history.ensure_schema()
-    scorer = ScorerThread(Scorer(kafka_bootstrap, topics, config, classifier, history, ScorerMetrics(), model))
+    metrics = ScorerMetrics()
+    scorer = ScorerThread(Scorer(kafka_bootstrap, topics, config, classifier, history, metrics, model))
     producer = ReplayProducer(kafka_bootstrap, topics.raw, news_messages(items), rate=40)
     running.append((scorer, producer))
     scorer.start()
@@ -597,6 +617,15 @@ def test_a_domain_promotion_changes_nothing_served_to_other_domains(
     assert {p.sentiment_version for p in served} == {"sentiment-v2"}
     assert all(p.sentiment_confidence < 0.6 for p in served)  # T = 8 flattens every answer
     assert classifier.domain_versions("sentiment") == {"default": "sentiment-v1", "stocktweets": "sentiment-v2"}
+    # The metrics say it per domain too: one swap in stocktweets, none in the default domain.
+    r = metrics.registry
+    assert r.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment", "domain": "stocktweets"}) == 1
+    assert r.get_sample_value("finpulse_model_swaps_total", {"task": "sentiment", "domain": "default"}) == 0
+    info = {"task": "sentiment", "domain": "stocktweets", "version": "sentiment-v2"}
+    assert r.get_sample_value("finpulse_model_version_info", info) == 1
+    assert (
+        r.get_sample_value("finpulse_model_version_info", {**info, "domain": "default", "version": "sentiment-v1"}) == 1
+    )
 
     # Withdrawing the domain's champion serves it the default's again, once announced.
     store.clear_champion("sentiment", "stocktweets")
