@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import secrets
 import threading
 import time
@@ -19,7 +18,6 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from learner.datasets import Example, tfns_sentiment
 from monitor.config import AlertRulesConfig, DispatcherConfig, PrometheusConfig
 from monitor.dispatcher import DeliveryEvent, Dispatcher
 from monitor.prometheus import LocalAlertmanager, LocalPrometheus, find_binary
@@ -28,15 +26,7 @@ from storage import AlertStore, StorageConfig
 
 log = logging.getLogger(__name__)
 
-# Real bearish tweets about oil: replayed back to back they make the Energy / Oil topic turn negative.
-_OIL = re.compile(r"\b(oil|crude|opec|brent|wti|barrels?|gasoline|drilling|refiner\w*)\b", re.IGNORECASE)
-SPIKE_TOPIC = "Energy / Oil"
-
-
-def oil_selloff(data_dir: Path | None = None) -> list[Example]:
-    """Return the bearish oil tweets of twitter-financial-news-sentiment (train and valid), in file order."""
-    tweets = tfns_sentiment("train", data_dir) + tfns_sentiment("valid", data_dir)
-    return [e for e in tweets if e.label == "negative" and _OIL.search(e.text)]
+SPIKE_TOPIC = "Energy / Oil"  # the topic the oil sell-off (finpulse.replay.oil_selloff) turns negative
 
 
 def alerting_available() -> str | None:

@@ -65,6 +65,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    """Parse a share between 0 and 1."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """Parse a number > 0."""
     value = non_negative_float(text)
@@ -242,6 +250,28 @@ def build_parser() -> Parser:
     demo.add_argument(
         "--no-learn", action="store_true", help="skip the analysts' labels and the learning round between the parts"
     )
+
+    replay = sub.add_parser(
+        "replay",
+        parents=flags("kafka"),
+        help="feed a cluster the labelled stream the demo replays (then its oil sell-off and, optionally, labels)",
+    )
+    replay.add_argument("--messages", type=positive_int, default=1000, help="labelled messages to send (default 1000)")
+    replay.add_argument(
+        "--rate",
+        type=non_negative_float,
+        default=10.0,
+        help="messages per second, 0 = as fast as possible (default 10)",
+    )
+    replay.add_argument(
+        "--labels",
+        type=_share,
+        default=0.0,
+        metavar="SHARE",
+        help="afterwards, send the analysts' labels of this first share of the stream to news.labels, 0-1 "
+        "(default 0: none)",
+    )
+    replay.add_argument("--no-selloff", action="store_true", help="leave out the oil sell-off after the stream")
 
     label = sub.add_parser("label", help="send analysts' labels, or list the messages most worth labelling")
     label_sub = label.add_subparsers(
@@ -426,6 +456,33 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             overrides[dotted] = str(value) if isinstance(value, Path) else value
     return overrides
+
+
+def cmd_replay(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
+    """Produce the labelled stream, then the oil sell-off, then a share of the labels; exit once all are acked."""
+    from finpulse.analysts import send_labels
+    from finpulse.replay import ReplayProducer, labelled_stream, news_messages, selloff
+    from finpulse.runtime import connect
+
+    cluster = connect(config)
+    items = labelled_stream(args.messages)
+    spike = [] if args.no_selloff or not items else selloff(items[-1].item.published_at)
+    raw = config.kafka.topics.raw
+    pace = f"{args.rate:g}/s" if args.rate else "full speed"
+    console.print(f"replaying {len(items)} messages + {len(spike)} of the sell-off to {raw} on {cluster} at {pace}")
+    producer = ReplayProducer(cluster.connection, raw, news_messages(items + spike), args.rate)
+    producer.start()
+    try:
+        while producer.is_alive():
+            producer.join(0.5)
+    except KeyboardInterrupt:
+        producer.stop()
+        raise
+    if producer.error is not None:
+        raise FinpulseError(f"the replay stopped after {producer.sent} messages: {producer.error}")
+    sent_labels = send_labels(config, cluster.connection, items[: int(len(items) * args.labels)]) if args.labels else 0
+    console.print(f"sent {producer.sent} messages to {raw} and {sent_labels} labels to {config.kafka.topics.labels}")
+    return 0
 
 
 def cmd_kafka(args: argparse.Namespace, config: AppConfig, console: Console) -> int:
@@ -1115,6 +1172,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AppConfig, Console], int]] = {
     "migrate": cmd_migrate,
     "compact": cmd_compact,
     "demo": cmd_demo,
+    "replay": cmd_replay,
     "label": cmd_label,
     "plot": cmd_plot,
     "bench": cmd_bench,

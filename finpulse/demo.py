@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from finpulse.alerting import SPIKE_TOPIC, AlertStack, Received, Subscribers, alerting_available, oil_selloff
+from finpulse.alerting import SPIKE_TOPIC, AlertStack, Received, Subscribers, alerting_available
 from finpulse.analysts import LearningOutcome, await_swap, label_and_learn
 from finpulse.config import AppConfig
-from finpulse.replay import LabelledItem, ReplayProducer, labelled_stream, malformed_values, news_messages
+from finpulse.replay import ReplayProducer, labelled_stream, malformed_values, news_messages, selloff
 from finpulse.runtime import Cluster, build_scorer, connect
 from learner.labels import SENTIMENTS
 from learner.metrics import accuracy, macro_f1
@@ -30,7 +30,6 @@ from storage.history import lake_dir_of
 from stream.admin import delete_topics, ensure_topics
 from stream.config import TopicNames
 from stream.connection import Target
-from stream.messages import NewsItem
 from stream.scorer import ScorerStats
 
 # How many already-sent messages the demo sends again, to show that duplicates become no new rows.
@@ -144,7 +143,7 @@ def run_demo(
     ensure_topics(cluster.connection, [t.raw, t.scored, t.dlq, t.labels, t.updates], config.kafka.partitions)
 
     items = labelled_stream(messages)
-    spike = _selloff(items[-1].item.published_at if items else datetime.now(UTC))
+    spike = selloff(items[-1].item.published_at if items else datetime.now(UTC))
     labels = {li.item.id: li.sentiment for li in items + spike if li.sentiment is not None}
     # The analysts label the first tweets of the stream; the later ones show what their labels taught.
     cut = int(len(items) * LABELLED_SHARE) if learn else len(items)
@@ -346,17 +345,6 @@ class _Replay(threading.Thread):
             if part.error is not None:
                 self.error = part.error
                 return
-
-
-def _selloff(after: datetime) -> list[LabelledItem]:
-    """Return the oil sell-off: real bearish oil tweets, ten seconds apart after `after`."""
-    return [
-        LabelledItem(
-            NewsItem(f"selloff-{n}", e.text, after + timedelta(seconds=10 * (n + 1)), "twitter-financial-news", ()),
-            e.label,
-        )
-        for n, e in enumerate(oil_selloff())
-    ]
 
 
 def _start_alerting(

@@ -8,12 +8,12 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from kafka import KafkaProducer
 
-from learner.datasets import stock_tweets, tfns_sentiment
+from learner.datasets import Example, stock_tweets, tfns_sentiment
 from stream.connection import Target, client_kwargs
 from stream.messages import NewsItem, news_value
 
@@ -135,3 +135,24 @@ class ReplayProducer(threading.Thread):
 def news_messages(items: Sequence[LabelledItem]) -> list[tuple[bytes | None, bytes | None]]:
     """Encode items as (key, value) pairs for `news.raw`."""
     return [(li.item.id.encode("utf-8"), news_value(li.item)) for li in items]
+
+
+# Real bearish tweets about oil: replayed back to back they make the Energy / Oil topic turn negative.
+_OIL = re.compile(r"\b(oil|crude|opec|brent|wti|barrels?|gasoline|drilling|refiner\w*)\b", re.IGNORECASE)
+
+
+def oil_selloff(data_dir: Path | None = None) -> list[Example]:
+    """Return the bearish oil tweets of twitter-financial-news-sentiment (train and valid), in file order."""
+    tweets = tfns_sentiment("train", data_dir) + tfns_sentiment("valid", data_dir)
+    return [e for e in tweets if e.label == "negative" and _OIL.search(e.text)]
+
+
+def selloff(after: datetime) -> list[LabelledItem]:
+    """Return the oil sell-off as stream items: the bearish oil tweets, ten seconds apart after `after`."""
+    return [
+        LabelledItem(
+            NewsItem(f"selloff-{n}", e.text, after + timedelta(seconds=10 * (n + 1)), "twitter-financial-news", ()),
+            e.label,
+        )
+        for n, e in enumerate(oil_selloff())
+    ]

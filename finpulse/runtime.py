@@ -30,6 +30,10 @@ class Cluster:
         """Return the bootstrap string, for messages."""
         return self.connection.bootstrap_servers
 
+    def __str__(self) -> str:
+        """Name the cluster by its bootstrap string."""
+        return self.connection.bootstrap_servers
+
 
 def local_broker(config: AppConfig) -> LocalBroker:
     """Return the manager of the local broker in the configured data directory."""

@@ -122,3 +122,24 @@ def test_suggest_lists_the_least_confident_unlabelled_recent_messages(
     found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [f["id"] for f in found] == ["unsure", "middling"]
     assert found[0]["confidence"] == 0.41 and found[0]["predicted"] == "neutral"
+
+
+def test_replay_feeds_the_stream_then_a_share_of_its_labels(
+    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`finpulse replay` (the compose stack's feed): the labelled stream to news.raw, then its labels."""
+    from finpulse.replay import labelled_stream
+
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    topics = ["--set", f"kafka.topics.raw={prefix}raw", "--set", f"kafka.topics.labels={prefix}labels"]
+    argv = ["replay", "--messages", "20", "--rate", "0", "--labels", "0.5", "--no-selloff"]
+    assert main([*argv, "--bootstrap-servers", kafka_bootstrap, *topics]) == 0
+    assert "sent 20 messages" in capsys.readouterr().out
+    raw = [json.loads(v) for v in _read(kafka_bootstrap, f"{prefix}raw", 20)]
+    expected = labelled_stream(20)
+    assert sorted(m["id"] for m in raw) == sorted(li.item.id for li in expected)
+    labelled = [li for li in expected[:10] if li.sentiment is not None]
+    labels = [parse_label(v, 8192) for v in _read(kafka_bootstrap, f"{prefix}labels", len(labelled))]
+    assert sorted((p.id, p.sentiment) for p in labels if not isinstance(p, Invalid)) == sorted(
+        (li.item.id, li.sentiment) for li in labelled
+    )
