@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from finpulse.alerting import SPIKE_TOPIC, AlertStack, Subscribers, alerting_available, oil_selloff
-from finpulse.replay import ReplayProducer, labelled_stream, news_messages
+from finpulse.alerting import SPIKE_TOPIC, AlertStack, Subscribers, alerting_available
+from finpulse.replay import ReplayProducer, labelled_stream, news_messages, oil_selloff
 from learner.config import ModelConfig
 from learner.model import Classifier
 from monitor.config import MetricsConfig
