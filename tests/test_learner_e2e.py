@@ -223,7 +223,7 @@ def test_labels_become_a_promoted_version_that_scorers_switch_to_mid_stream_and_
     assert registry.get_sample_value("finpulse_learner_labels_total", {"outcome": "dead_lettered"}) == 2
 
     # The running scorer switches between batches, without a restart.
-    swaps = {"task": "sentiment"}
+    swaps = {"task": "sentiment", "domain": "default"}
     _wait(lambda: metrics.registry.get_sample_value("finpulse_model_swaps_total", swaps) == 1, 60, "the swap")
     scored_before = history.count()
     _wait(lambda: history.count() >= scored_before + 30, 60, "rows scored by the new version")
