@@ -296,6 +296,13 @@ def build_parser() -> Parser:
     label_suggest.add_argument(
         "--since-hours", type=positive_float, default=24.0, help="scored within this many hours (default 24)"
     )
+    label_suggest.add_argument(
+        "--by",
+        choices=["confidence", "novelty", "both"],
+        default="confidence",
+        help="rank by calibrated confidence (default), by novelty: distance to the nearest training text in the "
+        "encoder's space (loads the model, a few seconds), or by both ranks together",
+    )
     label_suggest.add_argument("--json", action="store_true", help="one JSON object per line")
 
     plot = sub.add_parser("plot", help="pictures of the history (PNG)")
@@ -659,16 +666,21 @@ def cmd_label(args: argparse.Namespace, config: AppConfig, console: Console) -> 
         require_catalog(config.storage)
     history = History(config.storage)
     if args.label_action == "suggest":
-        found = suggestions(history, args.task, args.n, args.since_hours)
+        found = suggestions(history, args.task, args.n, args.since_hours, args.by, config.model)
         if args.json:
             for row in found:
                 sys.stdout.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             return 0
-        table = Table(title=f"least confident {args.task} predictions, not labelled yet", title_justify="left")
-        for column in ("id", "confidence", "predicted", "text"):
+        what = {"confidence": "least confident", "novelty": "most novel", "both": "least confident and most novel"}
+        table = Table(title=f"{what[args.by]} {args.task} predictions, not labelled yet", title_justify="left")
+        columns = ["id", "confidence", *(["novelty"] if args.by != "confidence" else []), "predicted", "text"]
+        for column in columns:
             table.add_column(column, overflow="fold")
         for row in found:
-            table.add_row(str(row["id"]), f"{row['confidence']:.3f}", str(row["predicted"]), str(row["text"]))
+            cells = {**row, "confidence": f"{row['confidence']:.3f}"}
+            if "novelty" in row:
+                cells["novelty"] = f"{row['novelty']:.3f}"
+            table.add_row(*(str(cells[c]) for c in columns))
         console.print(table)
         return 0
     rows = read_rows(args.file) if args.file is not None else query_rows(history, args.query)

@@ -14,11 +14,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kafka import KafkaProducer
 
 from finpulse.errors import FinpulseError
+from learner.config import ModelConfig
 from learner.labels import Task
 from storage import History
 from stream.connection import Target, client_kwargs
@@ -119,22 +120,52 @@ def send(bootstrap: Target, topic: str, values: Sequence[tuple[bytes, bytes]]) -
     return len(values)
 
 
-def suggestions(history: History, task: Task, n: int, since_hours: float = 24.0) -> list[dict[str, Any]]:
-    """Return the `n` least confident scored messages of the last `since_hours` that no label covers yet."""
+# Ranking of `suggestions`: by calibrated confidence (cheap: the history has it), by distance to the training
+# data (loads the encoder), or by both ranks together.
+Ranking = Literal["confidence", "novelty", "both"]
+# Recent candidates scored for novelty: the embedding costs a few milliseconds each on a CPU.
+NOVELTY_POOL = 500
+
+
+def suggestions(
+    history: History,
+    task: Task,
+    n: int,
+    since_hours: float = 24.0,
+    by: Ranking = "confidence",
+    model: ModelConfig | None = None,
+) -> list[dict[str, Any]]:
+    """Return `n` scored messages of the last `since_hours` that no label covers yet, the most worth labelling
+    first: the least confident, the most unlike the training data (`novelty`), or the best of both ranks."""
     confidence = "sentiment_confidence" if task == "sentiment" else "topic_confidence"
     predicted = "sentiment" if task == "sentiment" else "topic"
-    labelled = history.query("SELECT DISTINCT id FROM labels").rows if _has_labels(history) else []
+    has_labels = _has_labels(history)
+    labelled = history.query("SELECT DISTINCT id FROM labels").rows if has_labels else []
     taken = {str(r[0]) for r in labelled}
     # Read a margin beyond n: some of the least confident may be labelled already.
     window_us = int(since_hours * 3600e6)
+    order, limit = (confidence + ", scored_at DESC", n) if by == "confidence" else ("scored_at DESC", NOVELTY_POOL)
     sql = (
         f"SELECT id, round({confidence}, 4) AS confidence, {predicted} AS predicted, source, text FROM news_latest "
         f"WHERE coalesce(outcome, 'scored') = 'scored' AND scored_at >= now() - to_microseconds({window_us}) "
-        f"ORDER BY {confidence}, scored_at DESC LIMIT {int(n) + len(taken)}"
+        f"ORDER BY {order} LIMIT {int(limit) + len(taken)}"
     )
     result = history.query(sql)
     out = [dict(zip(result.columns, row, strict=True)) for row in result.rows if str(row[0]) not in taken]
-    return out[:n]
+    if by == "confidence" or not out:
+        return out[:n]
+    from learner.novelty import Novelty
+
+    learnt = history.query("SELECT text FROM labels ORDER BY labelled_at DESC LIMIT 2000").rows if has_labels else []
+    novelty = Novelty(model or ModelConfig(), [str(r[0]) for r in learnt])
+    for row, score in zip(out, novelty.scores([str(r["text"]) for r in out]), strict=True):
+        row["novelty"] = score
+    if by == "novelty":
+        return sorted(out, key=lambda r: -float(str(r["novelty"])))[:n]
+    # Both: the sum of each message's rank by confidence (lowest first) and by novelty (highest first).
+    by_conf = {id(r): i for i, r in enumerate(sorted(out, key=lambda r: float(str(r["confidence"]))))}
+    by_new = {id(r): i for i, r in enumerate(sorted(out, key=lambda r: -float(str(r["novelty"]))))}
+    return sorted(out, key=lambda r: (by_conf[id(r)] + by_new[id(r)], float(str(r["confidence"]))))[:n]
 
 
 def _has_labels(history: History) -> bool:

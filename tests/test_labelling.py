@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,32 @@ def test_replay_feeds_the_stream_then_a_share_of_its_labels(
     assert sorted((p.id, p.sentiment) for p in labels if not isinstance(p, Invalid)) == sorted(
         (li.item.id, li.sentiment) for li in labelled
     )
+
+
+def test_suggest_by_novelty_puts_what_the_training_data_holds_nothing_like_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TFNS tweets the adapters learnt from sit at distance ~0; a recipe and a sports result are far from all."""
+    from learner.datasets import tfns_sentiment
+
+    db = tmp_path / "h.duckdb"
+    history = History(StorageConfig(duckdb_path=db))
+    now = dt.datetime.now(dt.UTC)
+    known = [e.text for e in tfns_sentiment("train")[:6]]
+    strangers = {
+        "recipe": "Whisk two eggs with flour and a pinch of salt, then bake the dough for twenty minutes.",
+        "football": "The home side scored twice in stoppage time to win the cup final in front of their fans.",
+    }
+    rows = [_row(f"known-{i}", 0.5, now) for i in range(len(known))] + [_row(k, 0.9, now) for k in strangers]
+    texts = {**{f"known-{i}": t for i, t in enumerate(known)}, **strangers}
+    history.ensure_schema()
+    history.write_batch([replace(r, text=texts[r.id]) for r in rows])
+
+    assert main(["label", "suggest", "--by", "novelty", "--n", "3", "--json", "--duckdb-path", str(db)]) == 0
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {f["id"] for f in found[:2]} == set(strangers)  # confidently scored, yet unlike anything learnt
+    assert all(f["novelty"] > found[2]["novelty"] for f in found[:2])
+    # Both ranks together: every message gets its novelty, and the list holds what was asked for.
+    assert main(["label", "suggest", "--by", "both", "--n", "4", "--json", "--duckdb-path", str(db)]) == 0
+    both = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(both) == 4 and all("novelty" in f for f in both)
