@@ -181,7 +181,9 @@ def _plain_lora(adapter: dict[str, Any]) -> bool:
     )
 
 
-def merged_top(path: Path, start: int, trunk: Trunk, store: AdapterStore, config: ModelConfig) -> dict[str, Any]:
+def merged_top(
+    store: AdapterStore, task: Task, version: str, start: int, trunk: Trunk, config: ModelConfig
+) -> dict[str, Any]:
     """Return the float32 weights of a version's top: encoder layers from `start`, pooler and head.
 
     Keys: `encoder.layer.<i>.…`, `pooler.dense.…`, `classifier.…`. A plain LoRA adapter is merged here onto the
@@ -190,6 +192,7 @@ def merged_top(path: Path, start: int, trunk: Trunk, store: AdapterStore, config
     """
     from safetensors import safe_open
 
+    path = store.version_dir(task, version)
     try:
         adapter = json.loads((path / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -217,7 +220,7 @@ def merged_top(path: Path, start: int, trunk: Trunk, store: AdapterStore, config
                 "classifier.weight": saved["classifier.weight"],
                 "classifier.bias": saved["classifier.bias"],
             }
-    merged = load_merged(store, path.parent.name, path.name, config)  # type: ignore[arg-type]
+    merged = load_merged(store, task, version, config)
     state = {k.removeprefix("bert."): v.float() for k, v in merged.state_dict().items()}
     return {k: state[k] for k in [*layer_keys, "pooler.dense.weight", "pooler.dense.bias"]} | {
         "classifier.weight": state["classifier.weight"],
@@ -287,7 +290,7 @@ class TaskModel:
         """Load an adapter version, merge it, and keep only what differs from the base (the adapted layers on)."""
         path = store.version_dir(task, version)
         start = first_adapted_layer(path, trunk.layer_names)
-        weights = merged_top(path, start, trunk, store, config)
+        weights = merged_top(store, task, version, start, trunk, config)
         layers = nn.ModuleList(trunk.encoder.new_layer() for _ in range(start, len(trunk.layers)))
         width = trunk.encoder.shape.hidden_size
         with torch.device("meta"):
