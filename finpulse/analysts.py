@@ -20,6 +20,7 @@ from finpulse.config import AppConfig
 from finpulse.labelling import send
 from finpulse.learn import Learner, Outcome
 from finpulse.replay import LabelledItem
+from learner.tasks import SENTIMENT
 from stream.connection import Target
 from stream.labels import label_value
 from stream.scorer import Scorer
@@ -61,7 +62,7 @@ def label_and_learn(
     started = time.perf_counter()
     sent = send_labels(config, bootstrap, items)
     console.print(f"learning: {LABELLER} sent {sent} sentiment labels of domain {domain} to news.labels")
-    learner = Learner(config, bootstrap, tasks=("sentiment",), group_id=group_id, show_progress=console.is_terminal)
+    learner = Learner(config, bootstrap, tasks=(SENTIMENT.name,), group_id=group_id, show_progress=console.is_terminal)
     outcomes: list[Outcome] = []
     try:
         console.print("learning: training a candidate on cached lower-layer features…")
@@ -96,7 +97,7 @@ def await_swap(scorer: Scorer, domain: str, version: str, timeout_s: float = 120
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         swapper.between_batches()
-        if scorer.classifier.domain_versions("sentiment").get(domain) == version:
+        if scorer.classifier.domain_versions(SENTIMENT.name).get(domain) == version:
             return True
         time.sleep(0.1)
     return False

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer
@@ -28,8 +28,8 @@ from finpulse.config import AppConfig
 from finpulse.replay import ReplayProducer, labelled_stream, news_messages
 from finpulse.runtime import connect
 from learner.adapters import AdapterStore
-from learner.labels import Task, labels_of
-from learner.model import Classifier, Prediction, load_merged, module_dtype, set_compute_threads
+from learner.model import Answer, Classifier, Prediction, load_merged, module_dtype, set_compute_threads
+from learner.tasks import SENTIMENT, labels_of
 from monitor.metrics import ScorerMetrics
 from storage import History, StorageConfig
 from stream.admin import delete_topics, ensure_topics
@@ -103,11 +103,18 @@ class PipelineBaseline:
         self.producer = KafkaProducer(**client_kwargs(bootstrap), acks="all", linger_ms=5)
 
     def _label(self, task: str, output: dict[str, Any]) -> tuple[str, float]:
-        labels = labels_of(cast(Task, task))
+        labels = labels_of(task)
         raw = str(output["label"])
         # Pipelines name classes LABEL_k unless the config carries names.
         index = int(raw.rsplit("_", 1)[-1]) if raw.startswith("LABEL_") else labels.index(raw)
         return labels[index], float(output["score"])
+
+    def _answer(self, task: str, text: str) -> Answer:
+        label, confidence = self._label(task, self.pipes[task](text)[0])
+        # A pipeline returns the top label only: the others share what is left of the probability mass.
+        others = (1 - confidence) / max(1, len(labels_of(task)) - 1)
+        scores = {name: confidence if name == label else others for name in labels_of(task)}
+        return Answer(label, confidence, self.versions[task], scores)
 
     def run(self, expected: int) -> int:
         """Consume until `expected` messages were handled; return the rows written."""
@@ -125,20 +132,7 @@ class PipelineBaseline:
                 item = parse_news(record.value, 1 << 20)
                 if not isinstance(item, NewsItem):
                     continue
-                sentiment, s_conf = self._label("sentiment", self.pipes["sentiment"](item.text)[0])
-                topic, t_conf = self._label("topic", self.pipes["topic"](item.text)[0])
-                scores = {
-                    s: (s_conf if s == sentiment else (1 - s_conf) / 2) for s in ("negative", "neutral", "positive")
-                }
-                prediction = Prediction(
-                    sentiment,
-                    s_conf,
-                    scores,
-                    topic,
-                    t_conf,
-                    self.versions["sentiment"],
-                    self.versions["topic"],
-                )
+                prediction = Prediction.of({task: self._answer(task, item.text) for task in self.pipes})
                 scored = Scored(record, item, prediction, now)
                 futures.append(self.producer.send(self.scored_topic, key=item.id.encode(), value=scored_value(scored)))
                 rows.append(news_row(scored))
@@ -234,7 +228,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         "finpulse_s": round(fp.seconds, 2),
         "rows": {"baseline": base.rows, "finpulse": fp.rows},
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "dtype": str(module_dtype(classifier.models["sentiment"])).replace("torch.", ""),
+        "dtype": str(module_dtype(classifier.models[SENTIMENT.name])).replace("torch.", ""),
         "baseline_dtype": "float32",
         "threads": torch.get_num_threads(),
         "inference_batch": scorer_batch,

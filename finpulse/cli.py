@@ -19,6 +19,7 @@ from rich.console import Console
 from finpulse.config import AppConfig, load_config
 from finpulse.errors import ConfigError, FinpulseError
 from learner.errors import LearnerError
+from learner.tasks import SENTIMENT, task_names
 from monitor.errors import MonitorError
 from storage.errors import StorageError
 from storage.preflight import require_catalog
@@ -179,7 +180,7 @@ def build_parser() -> Parser:
         "bootstrap", parents=flags("adapters"), help="train the first adapter versions from the TFNS splits"
     )
     boot.add_argument(
-        "--task", choices=["sentiment", "topic"], action="append", help="only this task (repeatable; default: both)"
+        "--task", choices=task_names(), action="append", help="only this task (repeatable; default: every task)"
     )
     boot.add_argument("--limit", type=positive_int, help="use only the first N texts of each split (smoke runs)")
 
@@ -290,7 +291,7 @@ def build_parser() -> Parser:
         "suggest", parents=flags("history"), help="the recent messages the model is least sure of, not labelled yet"
     )
     label_suggest.add_argument(
-        "--task", choices=["sentiment", "topic"], default="sentiment", help="which task (default sentiment)"
+        "--task", choices=task_names(), default=SENTIMENT.name, help=f"which task (default {SENTIMENT.name})"
     )
     label_suggest.add_argument("--n", type=positive_int, default=20, help="how many (default 20)")
     label_suggest.add_argument(
@@ -363,7 +364,7 @@ def build_parser() -> Parser:
     learn.add_argument("--now", action="store_true", help="form an experience from the waiting labels right away")
     learn.add_argument("--once", action="store_true", help="read the labels there are, learn once, and exit")
     learn.add_argument(
-        "--task", choices=["sentiment", "topic"], action="append", help="only this task (repeatable; default: both)"
+        "--task", choices=task_names(), action="append", help="only this task (repeatable; default: every task)"
     )
     learn.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
@@ -403,7 +404,7 @@ def build_parser() -> Parser:
     models_list = models_sub.add_parser(
         "list", parents=flags("history", "adapters"), help="list the adapter versions, newest first"
     )
-    models_list.add_argument("--task", choices=["sentiment", "topic"], help="only this task (default: both)")
+    models_list.add_argument("--task", choices=task_names(), help="only this task (default: every task)")
     models_list.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     models_show = models_sub.add_parser(
         "show", parents=flags("history", "adapters"), help="one version: status, lineage, model card"
@@ -429,7 +430,7 @@ def build_parser() -> Parser:
         parents=flags("kafka", "history", "adapters"),
         help="serve the champion's parent (or --to VERSION) again",
     )
-    models_rollback.add_argument("task", choices=["sentiment", "topic"], help="whose champion to roll back")
+    models_rollback.add_argument("task", choices=task_names(), help="whose champion to roll back")
     models_rollback.add_argument("--to", metavar="VERSION", help="a version that served before (default: the parent)")
     models_rollback.add_argument("--reason", help="why, for the model_events log")
     models_rollback.add_argument(
@@ -519,7 +520,7 @@ def cmd_bootstrap(args: argparse.Namespace, config: AppConfig, console: Console)
 
     from learner.bootstrap import bootstrap
 
-    tasks = tuple(args.task) if args.task else ("sentiment", "topic")
+    tasks = tuple(args.task) if args.task else task_names()
     started = time.perf_counter()
     result = bootstrap(config.model, config.train, tasks=tasks, limit=args.limit)
     table = Table(title=f"bootstrap ({time.perf_counter() - started:.0f} s)", title_justify="left")
@@ -871,7 +872,7 @@ def cmd_learn(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     cluster = connect(config)
     registry = CollectorRegistry()
     server = MetricsServer(registry, config.metrics)
-    tasks = tuple(args.task) if args.task else ("sentiment", "topic")
+    tasks = tuple(args.task) if args.task else task_names()
     progress = not args.no_progress and sys.stderr.isatty()
     learner = Learner(config, cluster.connection, registry, show_progress=progress, tasks=tasks)
     stop = threading.Event()

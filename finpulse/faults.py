@@ -71,6 +71,7 @@ from rich.table import Table
 from finpulse.badinput import Case, cases, valid_message
 from finpulse.config import AppConfig
 from finpulse.errors import FinpulseError
+from learner.tasks import SENTIMENT
 from stream.admin import ensure_topics
 from stream.broker import LocalBroker
 from stream.config import TopicNames
@@ -707,15 +708,15 @@ def registry_problems(adapters_dir: Path, db: Path, labels: int) -> list[str]:
     """Return what disagrees between the adapters directory and the learner's DuckDB (empty: consistent)."""
     from learner.adapters import CHAMPION_FILE, STAGING_PREFIX, AdapterStore
     from learner.errors import ModelLoadError
-    from learner.labels import TASKS
     from learner.registry import Registry
+    from learner.tasks import task_names
     from storage.labels import LabelStore
     from storage.models import ModelVersionStore
 
     store, history = AdapterStore(adapters_dir), _history(db)
     versions = ModelVersionStore(history)
     problems: list[str] = []
-    for task in TASKS:
+    for task in task_names():
         task_dir = adapters_dir / task
         leftovers = sorted(
             p.name
@@ -1147,7 +1148,7 @@ def _learner(run: _Run) -> dict[str, Any]:
             "kafka.topics.dlq": t.dlq,
             "kafka.topics.updates": t.updates,
         },
-        "--once", "--now", "--task", "sentiment", "--no-progress", "-v",
+        "--once", "--now", "--task", SENTIMENT.name, "--no-progress", "-v",
         "--duckdb-path", str(db),
         "--adapters-dir", str(adapters),
     )  # fmt: skip
@@ -1171,7 +1172,7 @@ def _learner(run: _Run) -> dict[str, Any]:
             process.wait(timeout=30)
             kills += 1
             # A staging directory left behind says the kill fell while the candidate's files were written.
-            staged = sorted(p.name for p in (adapters / "sentiment").glob(".tmp-*"))
+            staged = sorted(p.name for p in (adapters / SENTIMENT.name).glob(".tmp-*"))
             left.append(staged)
             run.report("learner_killed", n=n, after_marker_s=delay, staging_left=",".join(staged) or "none")
     if outcome is None:
@@ -1223,7 +1224,9 @@ def _versions(db: Path) -> dict[str, str]:
     if not db.exists():
         return {}
     rows = (
-        _history(db).query("SELECT version, status FROM model_versions WHERE task = 'sentiment' ORDER BY version").rows
+        _history(db)
+        .query(f"SELECT version, status FROM model_versions WHERE task = '{SENTIMENT.name}' ORDER BY version")
+        .rows
     )
     return {str(v): str(s) for v, s in rows}
 

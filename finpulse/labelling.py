@@ -20,13 +20,14 @@ from kafka import KafkaProducer
 
 from finpulse.errors import FinpulseError
 from learner.config import ModelConfig
-from learner.labels import Task
+from learner.tasks import Task, spec_of
 from storage import History
+from storage.labels import LABEL_TASKS
 from stream.connection import Target, client_kwargs
 from stream.labels import parse_label
 from stream.messages import Invalid
 
-LABEL_FIELDS = ("id", "text", "sentiment", "topic", "labelled_at", "labeller", "domain")
+LABEL_FIELDS = ("id", "text", *LABEL_TASKS, "labelled_at", "labeller", "domain")
 MAX_REPORTED = 20
 
 
@@ -137,8 +138,8 @@ def suggestions(
 ) -> list[dict[str, Any]]:
     """Return `n` scored messages of the last `since_hours` that no label covers yet, the most worth labelling
     first: the least confident, the most unlike the training data (`novelty`), or the best of both ranks."""
-    confidence = "sentiment_confidence" if task == "sentiment" else "topic_confidence"
-    predicted = "sentiment" if task == "sentiment" else "topic"
+    spec = spec_of(task)  # its names are spliced into the SQL below
+    confidence, predicted = spec.confidence_column, spec.name
     has_labels = _has_labels(history)
     labelled = history.query("SELECT DISTINCT id FROM labels").rows if has_labels else []
     taken = {str(r[0]) for r in labelled}

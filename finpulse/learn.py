@@ -33,8 +33,8 @@ from learner.config import ContinualConfig, ModelConfig
 from learner.domains import DomainTable
 from learner.experience import bootstrap_slices, split_holdout, trigger
 from learner.gate import Decision, decide
-from learner.labels import TASKS, Task
 from learner.registry import Registry
+from learner.tasks import Task, task_names
 from learner.trainer import Candidate, ExperienceSlices, train_candidate
 from monitor.metrics import ModelVersionCollector
 from storage import History
@@ -116,7 +116,7 @@ class LearnerMetrics:
         registry.register(ModelVersionCollector(versions.event_counts, versions.champions))
         for outcome in ("stored", "dead_lettered"):
             self.labels.labels(outcome=outcome)
-        for task in TASKS:
+        for task in task_names():
             self.pending.labels(task=task)
             self.train_seconds.labels(task=task)
 
@@ -130,14 +130,14 @@ class Learner:
         bootstrap_servers: Target,
         registry: CollectorRegistry | None = None,
         show_progress: bool = False,
-        tasks: tuple[Task, ...] = TASKS,
+        tasks: tuple[Task, ...] | None = None,
         group_id: str = LEARNER_GROUP,
         max_poll_interval_ms: int = DEFAULT_MAX_POLL_INTERVAL_MS,
         train: TrainFn = train_candidate,
     ) -> None:
         """Open the stores and join `group_id`; `train` makes a candidate (the real trainer unless a test's)."""
         self.config = config
-        self.tasks = tasks
+        self.tasks = tasks if tasks is not None else task_names()
         self.show_progress = show_progress
         self.group_id = group_id
         self.max_poll_interval_ms = max_poll_interval_ms
@@ -163,7 +163,7 @@ class Learner:
         # One worker, one step in flight at most; the lock also keeps a direct `step()` call from overlapping it.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-learner-train")
         self._stepping = threading.RLock()
-        self._retries = {task: _Retry() for task in tasks}
+        self._retries = {task: _Retry() for task in self.tasks}
 
     def start(self) -> None:
         """Recover from whatever a previous run left: staging leftovers, registry drift, missing bootstrap."""

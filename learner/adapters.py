@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from learner import model_card
 from learner.domains import DEFAULT_DOMAIN, check_domain
 from learner.encoder import base_model_path
 from learner.errors import ModelLoadError
-from learner.labels import TASKS, Task, labels_of
+from learner.tasks import Task, labels_of, task_names, version_number, version_task
 
 CARD_FILE = "model_card.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -33,7 +32,6 @@ README_FILE = "README.md"
 PACKAGED_BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 CHAMPION_FILE = "CHAMPION"
 STAGING_PREFIX = ".tmp-"
-_VERSION = re.compile(r"^(sentiment|topic)-v(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -94,9 +92,9 @@ class AdapterStore:
         found = [
             p.name
             for p in task_dir.iterdir()
-            if p.is_dir() and not p.name.startswith(STAGING_PREFIX) and _VERSION.match(p.name)
+            if p.is_dir() and not p.name.startswith(STAGING_PREFIX) and version_task(p.name) is not None
         ]
-        return sorted(found, key=_version_number)
+        return sorted(found, key=version_number)
 
     def staging_dir(self, task: Task, version: str) -> Path:
         """Return an empty directory to write a new version into, next to where it will live.
@@ -104,7 +102,7 @@ class AdapterStore:
         Nothing reads it until `commit_staged` renames it into place, so a run killed while writing leaves
         no half-written version behind, only a staging dir that `discard_staging` removes.
         """
-        if _VERSION.match(version) is None or not version.startswith(f"{task}-v"):
+        if version_task(version) != task:
             raise ModelLoadError(f"cannot stage {version!r}: a {task} version is named {task}-vN")
         if self.version_dir(task, version).exists():
             raise ModelLoadError(f"cannot stage {version}: {self.version_dir(task, version)} exists already")
@@ -141,7 +139,7 @@ class AdapterStore:
         Call it only where no other process is staging: at the learner's start, never from the CLI.
         """
         removed: list[Path] = []
-        for name in (task,) if task is not None else TASKS:
+        for name in (task,) if task is not None else task_names():
             task_dir = self.root / name
             if not task_dir.is_dir():
                 continue
@@ -154,7 +152,7 @@ class AdapterStore:
     def next_version(self, task: Task) -> str:
         """Return the name the next version of a task gets."""
         existing = self.versions(task)
-        number = _version_number(existing[-1]) + 1 if existing else 1
+        number = version_number(existing[-1]) + 1 if existing else 1
         return f"{task}-v{number}"
 
     def champion(self, task: Task, domain: str = DEFAULT_DOMAIN) -> str:
@@ -220,7 +218,7 @@ class AdapterStore:
 
     def champions(self) -> dict[str, str]:
         """Return the champion of every task."""
-        return {task: self.champion(task) for task in TASKS}
+        return {task: self.champion(task) for task in task_names()}
 
 
 def write_hub_files(version_dir: Path) -> None:
@@ -238,7 +236,7 @@ def write_hub_files(version_dir: Path) -> None:
 
 def hub_config(card: ModelCard, base_config: dict[str, Any], base: str) -> dict[str, Any]:
     """Return the transformers config of base + adapter: the base's, with the card's labels and a classifier class."""
-    expected = next((list(labels_of(task)) for task in TASKS if task == card.task), None)
+    expected = list(labels_of(card.task)) if card.task in task_names() else None
     if expected is None or card.labels != expected:
         raise ModelLoadError(
             f"model card of {card.version} lists labels {card.labels}, but the {card.task} classifier outputs "
@@ -280,11 +278,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path} holds no JSON object")
     return raw
-
-
-def _version_number(version: str) -> int:
-    match = _VERSION.match(version)
-    return int(match.group(2)) if match else 0
 
 
 def _fsync(path: Path) -> None:

@@ -35,6 +35,7 @@ from learner.continual import (
 )
 from learner.datasets import Example, sentfin_headlines, stock_tweets, tfns_sentiment
 from learner.encoder import load_tokenizer
+from learner.tasks import SENTIMENT
 from learner.training import lora_model
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def run(
     experiences = sequence(sizes, data_dir)
     tokenizer = load_tokenizer(model_config.base_model)
     torch.manual_seed(0)
-    first = lora_model("sentiment", model_config, train_config)
+    first = lora_model(SENTIMENT.name, model_config, train_config)
     frozen = freeze_lower_layers(first, config.trainable_layers)
     # The frozen layers of every fresh adapter equal the base encoder's (LoRA's B starts at zero),
     # so one bank of features serves every strategy and seed.
@@ -194,9 +195,9 @@ def run(
         data.append(
             (
                 train_idx,
-                label_ids("sentiment", [e.label for e in exp.train]),
+                label_ids(SENTIMENT.name, [e.label for e in exp.train]),
                 test_idx,
-                label_ids("sentiment", [e.label for e in exp.test]),
+                label_ids(SENTIMENT.name, [e.label for e in exp.test]),
             )
         )
     del first
@@ -233,7 +234,7 @@ def _run_one(
     memory_fraction: float | None,
 ) -> tuple[list[list[float]], float]:
     seed_everything(seed)
-    peft_model = lora_model("sentiment", model_config, train_config)
+    peft_model = lora_model(SENTIMENT.name, model_config, train_config)
     freeze_lower_layers(peft_model, config.trainable_layers)
     model = TopModel(peft_model, bank)
     if name == "joint":

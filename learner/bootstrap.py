@@ -18,14 +18,9 @@ from rich.progress import (
 
 from learner.adapters import AdapterStore
 from learner.config import ModelConfig, TrainConfig
-from learner.datasets import Example, tfns_sentiment, tfns_topic
-from learner.labels import TASKS, Task
+from learner.datasets import Example, task_data
+from learner.tasks import Task, spec_of, task_names
 from learner.training import TrainResult, train_adapter
-
-SPLITS = {
-    "sentiment": "zeroshot/twitter-financial-news-sentiment (data/twitter-financial-news-sentiment)",
-    "topic": "zeroshot/twitter-financial-news-topic (data/twitter-financial-news-topic)",
-}
 
 
 @dataclass(frozen=True)
@@ -36,19 +31,25 @@ class BootstrapResult:
 
 
 def _splits(task: Task, data_dir: Path | None) -> tuple[list[Example], list[Example]]:
-    loader = tfns_sentiment if task == "sentiment" else tfns_topic
-    return loader("train", data_dir), loader("valid", data_dir)
+    return task_data(task, "train", data_dir), task_data(task, "valid", data_dir)
+
+
+def _source(task: Task) -> str:
+    """Return where a task's bootstrap data comes from, as its model card records it."""
+    data = spec_of(task).data
+    return f"{data.hub_id} (data/{data.folder})"
 
 
 def bootstrap(
     model_config: ModelConfig,
     train_config: TrainConfig,
-    tasks: tuple[Task, ...] = TASKS,
+    tasks: tuple[Task, ...] | None = None,
     data_dir: Path | None = None,
     limit: int | None = None,
     show_progress: bool = True,
 ) -> BootstrapResult:
-    """Train a version of each task, evaluate it on the valid split and make it champion."""
+    """Train a version of each task (default: every registered one), evaluate it on the valid split and make it
+    champion."""
     store = AdapterStore(model_config.adapters_dir)
     results: dict[str, TrainResult] = {}
     columns = (
@@ -60,7 +61,7 @@ def bootstrap(
         TimeRemainingColumn(),
     )
     with Progress(*columns, disable=not show_progress) as progress:
-        for task in tasks:
+        for task in tasks if tasks is not None else task_names():
             train, valid = _splits(task, data_dir)
             if limit is not None:
                 train, valid = train[:limit], valid[:limit]
@@ -75,8 +76,8 @@ def bootstrap(
             scratch = final.with_name(f".{version}.partial")
             shutil.rmtree(scratch, ignore_errors=True)
             data = {
-                "train": f"{SPLITS[task]} train split, {len(train)} texts",
-                "valid": f"{SPLITS[task]} valid split, {len(valid)} texts",
+                "train": f"{_source(task)} train split, {len(train)} texts",
+                "valid": f"{_source(task)} valid split, {len(valid)} texts",
             }
             result = train_adapter(task, train, valid, scratch, version, model_config, train_config, data, report)
             scratch.rename(final)

@@ -22,7 +22,7 @@ from torch import nn
 
 from learner.config import ContinualConfig
 from learner.errors import LearnerError
-from learner.labels import Task, labels_of
+from learner.tasks import Task, labels_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

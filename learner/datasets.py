@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from learner.errors import DatasetError
-from learner.labels import TFNS_SENTIMENT, TOPICS
+from learner.tasks import SENTIMENT, TOPIC, spec_of
 
 # SEntFiN's Decisions column is dict-like but entity names hold unescaped quotes: a regex is robust where
 # literal_eval is not.
@@ -47,16 +47,21 @@ def _open_csv(path: Path, delimiter: str = ",") -> list[dict[str, str]]:
         raise DatasetError(f"data file {path} is missing; see data/README.md for where it comes from") from e
 
 
+def task_data(task: str, split: str, data_dir: Path | None = None) -> list[Example]:
+    """Load the `train` or `valid` split of a task's shipped data set, its integer labels named by the task."""
+    data = spec_of(task).data
+    path = (data_dir or default_data_dir()) / data.folder / f"{data.prefix}_{split}.csv"
+    return [Example(row["text"], data.label_ids[int(row["label"])]) for row in _open_csv(path)]
+
+
 def tfns_sentiment(split: str, data_dir: Path | None = None) -> list[Example]:
     """Load twitter-financial-news-sentiment (`train` or `valid`) with finpulse sentiment labels."""
-    path = (data_dir or default_data_dir()) / "twitter-financial-news-sentiment" / f"sent_{split}.csv"
-    return [Example(row["text"], TFNS_SENTIMENT[int(row["label"])]) for row in _open_csv(path)]
+    return task_data(SENTIMENT.name, split, data_dir)
 
 
 def tfns_topic(split: str, data_dir: Path | None = None) -> list[Example]:
     """Load twitter-financial-news-topic (`train` or `valid`) with topic names as labels."""
-    path = (data_dir or default_data_dir()) / "twitter-financial-news-topic" / f"topic_{split}.csv"
-    return [Example(row["text"], TOPICS[int(row["label"])]) for row in _open_csv(path)]
+    return task_data(TOPIC.name, split, data_dir)
 
 
 def sentfin_headlines(data_dir: Path | None = None) -> list[Example]:

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from learner.config import ContinualConfig
-from learner.datasets import Example, tfns_sentiment, tfns_topic
+from learner.datasets import Example, task_data
 from learner.errors import DatasetError
-from learner.labels import Task
+from learner.tasks import Task
 
 Labelled = tuple[str, str, str]  # (label id, text, label)
 
@@ -67,8 +67,8 @@ def bootstrap_slices(
     """Return the shipped champion's experience: a class-balanced sample of its training data (the first replay
     memory) and a sample of its validation split (held out from it) that every later candidate is judged on."""
     try:
-        train = tfns_sentiment("train", data_dir) if task == "sentiment" else tfns_topic("train", data_dir)
-        valid = tfns_sentiment("valid", data_dir) if task == "sentiment" else tfns_topic("valid", data_dir)
+        train = task_data(task, "train", data_dir)
+        valid = task_data(task, "valid", data_dir)
     except DatasetError:
         return [], []
     rng = random.Random(seed)

@@ -1,40 +1,12 @@
-"""The label sets of the two tasks; their order is the order of the classifier outputs."""
+"""The label sets of the shipped tasks, under the names their importers know; `learner.tasks` is the registry."""
 
-from typing import Final, Literal
+from typing import Final
 
-Task = Literal["sentiment", "topic"]
-TASKS: Final[tuple[Task, ...]] = ("sentiment", "topic")
+from learner.tasks import SENTIMENT, TOPIC, Task, labels_of
 
-SENTIMENTS: Final[tuple[str, ...]] = ("negative", "neutral", "positive")
+__all__ = ["SENTIMENTS", "TASKS", "TOPICS", "Task", "labels_of"]
 
-# The 20 topics of twitter-financial-news-topic, in the order of its integer labels 0..19.
-TOPICS: Final[tuple[str, ...]] = (
-    "Analyst Update",
-    "Fed / Central Banks",
-    "Company / Product News",
-    "Treasuries / Corporate Debt",
-    "Dividend",
-    "Earnings",
-    "Energy / Oil",
-    "Financials",
-    "Currencies",
-    "General News / Opinion",
-    "Gold / Metals / Materials",
-    "IPO",
-    "Legal / Regulation",
-    "M&A / Investments",
-    "Macro",
-    "Markets",
-    "Politics",
-    "Personnel Change",
-    "Stock Commentary",
-    "Stock Movement",
-)
-
-# twitter-financial-news-sentiment: 0 Bearish, 1 Bullish, 2 Neutral.
-TFNS_SENTIMENT: Final[dict[int, str]] = {0: "negative", 1: "positive", 2: "neutral"}
-
-
-def labels_of(task: Task) -> tuple[str, ...]:
-    """Return the ordered label names of a task."""
-    return SENTIMENTS if task == "sentiment" else TOPICS
+# The shipped tasks only: code that must see every registered task calls learner.tasks.task_names().
+TASKS: Final[tuple[Task, ...]] = (SENTIMENT.name, TOPIC.name)
+SENTIMENTS: Final = SENTIMENT.labels
+TOPICS: Final = TOPIC.labels

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +30,8 @@ from learner.config import ModelConfig
 from learner.domains import DEFAULT_DOMAIN
 from learner.encoder import base_model_path, load_classifier_base, load_tokenizer
 from learner.errors import ModelLoadError
-from learner.labels import TASKS, Task, labels_of
 from learner.language import Outcome, read
+from learner.tasks import Task, labels_of, spec_of, task_names
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -40,8 +40,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One task's answer for one text: the chosen label, its probability and the adapter version behind it."""
+
+    label: str
+    confidence: float
+    version: str
+    scores: dict[str, float] | None = None  # every label's probability, for a task whose spec keeps them
+
+
+@dataclass(frozen=True)
 class Prediction:
-    """Topic and sentiment of one text, with the adapter versions that produced them."""
+    """Topic and sentiment of one text, with the adapter versions that produced them.
+
+    Its per-task fields carry the names the task registry gives them (`<task>`, `<task>_confidence`,
+    `<task>_version`, `<task>_scores`), so `answer` and `of` reach any task's without naming it.
+    """
 
     sentiment: str
     sentiment_confidence: float
@@ -59,6 +73,27 @@ class Prediction:
     def scored(self) -> bool:
         """Return True when the model could read the text and its answer counts."""
         return self.outcome == "scored"
+
+    def answer(self, task: Task) -> Answer:
+        """Return this prediction's answer for `task`."""
+        spec = spec_of(task)
+        scores = getattr(self, spec.scores_field) if spec.probability_columns else None
+        return Answer(
+            getattr(self, spec.name), getattr(self, spec.confidence_column), getattr(self, spec.version_column), scores
+        )
+
+    @classmethod
+    def of(cls, answers: Mapping[Task, Answer], language: str = "en", outcome: Outcome = "scored") -> Prediction:
+        """Build a prediction from every task's answer."""
+        fields: dict[str, Any] = {}
+        for task, answer in answers.items():
+            spec = spec_of(task)
+            fields[spec.name] = answer.label
+            fields[spec.confidence_column] = answer.confidence
+            fields[spec.version_column] = answer.version
+            if spec.probability_columns:
+                fields[spec.scores_field] = answer.scores
+        return cls(**fields, language=language, outcome=outcome)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -331,14 +366,14 @@ class Classifier:
         models: dict[Task, TaskModel],
         max_length: int,
     ) -> None:
-        missing = [task for task in TASKS if task not in models]
+        missing = [task for task in task_names() if task not in models]
         if missing:
             raise ModelLoadError(f"a classifier needs a model for every task; missing {missing}")
         self.tokenizer = tokenizer
         self.trunk = trunk
         self.max_length = max_length
         self.device = trunk.device
-        self._served: dict[Task, dict[str, TaskModel]] = {task: {DEFAULT_DOMAIN: models[task]} for task in TASKS}
+        self._served: dict[Task, dict[str, TaskModel]] = {task: {DEFAULT_DOMAIN: models[task]} for task in task_names()}
         self._unknown_id: int | None = getattr(tokenizer, "unk_token_id", None)
         self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         # Swaps happen on another thread (update listener); a batch must see one consistent set.
@@ -350,9 +385,9 @@ class Classifier:
         trunk = Trunk(config, resolve_device(device_spec))
         store = AdapterStore(config.adapters_dir)
         champions = store.champions()
-        models = {task: TaskModel.load(store, task, champions[task], config, trunk) for task in TASKS}
+        models = {task: TaskModel.load(store, task, champions[task], config, trunk) for task in task_names()}
         classifier = cls(load_tokenizer(config.base_model), trunk, models, config.max_length)
-        for task in TASKS:
+        for task in task_names():
             for domain, version in store.domain_champions(task).items():
                 if domain != DEFAULT_DOMAIN:
                     classifier.swap(classifier.load(store, task, version, config), domain)
@@ -488,34 +523,28 @@ class Classifier:
             read(text, ids, self._unknown_id, self._special_ids) for text, ids in zip(texts, encoded, strict=True)
         ]
         probs, versions = self.probabilities(encoded, batch_size, domains, served)
-        s_labels = served["sentiment"][DEFAULT_DOMAIN].labels
-        t_labels = served["topic"][DEFAULT_DOMAIN].labels
         # The labels are the model's argmax; what it says of text it cannot read is noise (Chinese scores
         # `neutral` at 0.96), so those rows carry the uniform distribution instead, flagged by their outcome: no
         # reader takes them for an answer and the sentiment metrics leave them out.
-        s_idx = probs["sentiment"].argmax(dim=-1)
-        t_idx = probs["topic"].argmax(dim=-1)
+        chosen = {task: p.argmax(dim=-1) for task, p in probs.items()}
         unread = [i for i, r in enumerate(readings) if r.outcome != "scored"]
         if unread:
             index = torch.tensor(unread)
             for task in probs:
                 probs[task][index] = 1.0 / probs[task].shape[1]
-        s_conf = probs["sentiment"].gather(1, s_idx[:, None]).squeeze(1)
-        t_conf = probs["topic"].gather(1, t_idx[:, None]).squeeze(1)
-        rows = probs["sentiment"].tolist()
+        answers: dict[Task, list[Answer]] = {}
+        for task, p in probs.items():
+            labels, keep = served[task][DEFAULT_DOMAIN].labels, spec_of(task).probability_columns
+            idx = chosen[task].tolist()
+            confidence = p.gather(1, chosen[task][:, None]).squeeze(1).tolist()
+            rows = p.tolist() if keep else [None] * len(idx)
+            answers[task] = [
+                Answer(labels[k], c, v, dict(zip(labels, row, strict=True)) if row is not None else None)
+                for k, c, v, row in zip(idx, confidence, versions[task], rows, strict=True)
+            ]
         return [
-            Prediction(
-                sentiment=s_labels[int(s_idx[i])],
-                sentiment_confidence=float(s_conf[i]),
-                sentiment_scores=dict(zip(s_labels, rows[i], strict=True)),
-                topic=t_labels[int(t_idx[i])],
-                topic_confidence=float(t_conf[i]),
-                sentiment_version=versions["sentiment"][i],
-                topic_version=versions["topic"][i],
-                language=readings[i].language,
-                outcome=readings[i].outcome,
-            )
-            for i in range(len(rows))
+            Prediction.of({task: by_text[i] for task, by_text in answers.items()}, r.language, r.outcome)
+            for i, r in enumerate(readings)
         ]
 
 

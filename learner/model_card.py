@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import yaml
+
+from learner.tasks import Dataset, spec_of, task_names
 
 # finpulse's own license (pyproject.toml). The base encoder (Apache-2.0) and the data sets (MIT) both allow it.
 LICENSE: Final = "mit"
@@ -23,44 +25,22 @@ MAX_TOKENS_DEFAULT: Final = 64
 _HUB_ID: Final = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """Where a task's bootstrap data comes from and under which license (data/README.md, from data/SOURCES.md)."""
+class _Datasets(Mapping[str, Dataset]):
+    """Every registered task's bootstrap data set by task name, read from the task registry at each access."""
 
-    hub_id: str
-    folder: str
-    via: str
-    license: str
-    labels_note: str
+    def __getitem__(self, task: str) -> Dataset:
+        if task not in task_names():
+            raise KeyError(task)
+        return spec_of(task).data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(task_names())
+
+    def __len__(self) -> int:
+        return len(task_names())
 
 
-DATASETS: Final[dict[str, Dataset]] = {
-    "sentiment": Dataset(
-        hub_id="zeroshot/twitter-financial-news-sentiment",
-        folder="data/twitter-financial-news-sentiment",
-        via="GitHub umaima-aman/Twee_Sentiment_Analysis-DeepLearning @0286b19",
-        license="MIT (data set card)",
-        labels_note="TFNS labels map as 0 Bearish → `negative`, 1 Bullish → `positive`, 2 Neutral → `neutral`.",
-    ),
-    "topic": Dataset(
-        hub_id="zeroshot/twitter-financial-news-topic",
-        folder="data/twitter-financial-news-topic",
-        via="GitHub Kaifzen/twitter-financial-news:data/new_data_{train,test}.csv @b964a92 (renamed)",
-        license="MIT (data set card)",
-        labels_note="Output index k is TFNS topic id k.",
-    ),
-}
-
-_WHAT: Final[dict[str, str]] = {
-    "sentiment": "the market sentiment of a financial news text: bearish (`negative`), `neutral` or bullish "
-    "(`positive`)",
-    "topic": "which of 20 financial topics a news text is about (earnings, M&A, the Fed, …)",
-}
-
-_EXAMPLE: Final[dict[str, str]] = {
-    "sentiment": "$AAPL plunges after earnings miss and weak guidance",
-    "topic": "Fed leaves interest rates unchanged, signals patience",
-}
+DATASETS: Final[Mapping[str, Dataset]] = _Datasets()
 
 
 @dataclass(frozen=True)
@@ -145,7 +125,7 @@ def _front_matter(card: Mapping[str, Any], evaluation: Evaluation | None) -> str
         license=LICENSE,
         language=["en"],
         datasets=[DATASETS[task].hub_id],
-        tags=["finance", "twitter", "lora", "finpulse", "sentiment-analysis" if task == "sentiment" else "topic"],
+        tags=["finance", "twitter", "lora", "finpulse", *filter(None, [spec_of(task).hub_tag])],
     )
     if evaluation is not None:
         scores: list[dict[str, Any]] = [
@@ -178,6 +158,7 @@ def _front_matter(card: Mapping[str, Any], evaluation: Evaluation | None) -> str
 
 def _what(card: Mapping[str, Any]) -> str:
     task, version = str(card["task"]), str(card["version"])
+    what = spec_of(task).description
     base = str(card.get("base_model", ""))
     parent = card.get("parent")
     lineage = (
@@ -189,7 +170,7 @@ def _what(card: Mapping[str, Any]) -> str:
         f"# finpulse {task} adapter `{version}`\n\n"
         f"## What it is\n\n"
         f"A LoRA adapter (peft), with a fully trained pooler and classification head, on `{base}` that predicts "
-        f"{_WHAT[task]}. It is one version of the `{task}` task of finpulse, a real-time financial news monitor "
+        f"{what}. It is one version of the `{task}` task of finpulse, a real-time financial news monitor "
         f"that keeps learning from labelled news. {lineage}\n\n"
         f"- **Version:** `{version}` (created {card.get('created_at', '?')}, seed {card.get('seed', '?')})\n"
         f"- **Parent:** {f'`{parent}`' if parent else 'none'}\n"
@@ -227,7 +208,7 @@ def _training_data(card: Mapping[str, Any]) -> str:
     data = card.get("data") or {}
     source = (
         f"[{dataset.hub_id}](https://huggingface.co/datasets/{dataset.hub_id}), copied unchanged into "
-        f"`{dataset.folder}/` via {dataset.via}. License: {dataset.license}."
+        f"`data/{dataset.folder}/` via {dataset.via}. License: {dataset.license}."
     )
     if "experience" in data:
         used = (
@@ -306,6 +287,7 @@ def _how_to_load(card: Mapping[str, Any]) -> str:
     task, version = str(card["task"]), str(card["version"])
     base = base_hub_id(card) or str(card.get("base_model", ""))
     max_tokens = (card.get("hyperparameters") or {}).get("max_length", MAX_TOKENS_DEFAULT)
+    example = spec_of(task).example
     return (
         "## How to load it\n\n"
         "`config.json` in this directory is the base model's config with this adapter's `id2label`; load the base "
@@ -320,7 +302,7 @@ def _how_to_load(card: Mapping[str, Any]) -> str:
         "model = AutoModelForSequenceClassification.from_pretrained(base, config=config)\n"
         "model = PeftModel.from_pretrained(model, adapter).eval()\n"
         "tokenizer = AutoTokenizer.from_pretrained(base)\n\n"
-        f'batch = tokenizer(["{_EXAMPLE[task]}"], truncation=True, max_length={max_tokens}, return_tensors="pt")\n'
+        f'batch = tokenizer(["{example}"], truncation=True, max_length={max_tokens}, return_tensors="pt")\n'
         "with torch.inference_mode():\n"
         "    probs = model(**batch).logits.softmax(-1)[0]\n"
         "print(model.config.id2label[int(probs.argmax())], float(probs.max()))\n"

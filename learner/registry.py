@@ -22,15 +22,14 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from learner.adapters import AdapterStore, ModelCard
 from learner.domains import DEFAULT_DOMAIN
 from learner.errors import LearnerError, ModelLoadError
-from learner.labels import TASKS, Task
+from learner.tasks import Task, task_names, version_number, version_task
 from storage.labels import Experience
 from storage.models import ModelEvent, ModelVersionStore, VersionRow
 
@@ -49,8 +48,6 @@ log = logging.getLogger(__name__)
 
 # publish(task, version, event, previous): announce a champion change on `model.updates`.
 Publish = Callable[[str, str, str, str | None], None]
-
-_VERSION: Final = re.compile(r"^(sentiment|topic)-v(\d+)$")
 
 
 class RegistryError(LearnerError):
@@ -85,12 +82,11 @@ class VersionInfo:
 
 def task_of(version: str) -> Task:
     """Return the task of a `<task>-vN` version name, or raise VersionNotFoundError for other names."""
-    match = _VERSION.match(version)
-    if match is None:
-        raise VersionNotFoundError(
-            f"no version {version}: versions are named sentiment-vN or topic-vN; see `finpulse models list`"
-        )
-    return "sentiment" if match.group(1) == "sentiment" else "topic"
+    task = version_task(version)
+    if task is None:
+        named = " or ".join(f"{name}-vN" for name in task_names())
+        raise VersionNotFoundError(f"no version {version}: versions are named {named}; see `finpulse models list`")
+    return task
 
 
 def held_out_accuracy(metrics: dict[str, Any]) -> float | None:
@@ -124,7 +120,7 @@ class Registry:
         CHAMPION file, the file wins: a promotion or rollback committed it and crashed before DuckDB did.
         """
         changes: builtins.list[Change] = []
-        for task in TASKS:
+        for task in task_names():
             pointers = self._file_champions(task)
             known = {row.version: row for row in self.versions.list(task)}
             for version in self.adapters.versions(task):
@@ -142,7 +138,7 @@ class Registry:
                     continue
                 previous = recorded.version if recorded is not None else None
                 # Which change crashed is not recorded anywhere; moving to an older version is taken as a rollback.
-                older = previous is not None and _number(file_champion) < _number(previous)
+                older = previous is not None and version_number(file_champion) < version_number(previous)
                 outcome = "rolled_back" if older else "promoted"
                 pointer = "CHAMPION file" if domain == DEFAULT_DOMAIN else f"CHAMPION file of domain {domain}"
                 reason = f"sync: the {pointer} names {file_champion}, DuckDB had {previous or 'no champion'}"
@@ -282,7 +278,7 @@ class Registry:
     def champions(self) -> dict[str, str]:
         """Return the serving version of every task that has one, as the CHAMPION files name it."""
         found: dict[str, str] = {}
-        for task in TASKS:
+        for task in task_names():
             version = self._file_champion(task)
             if version is not None:
                 found[task] = version
@@ -329,7 +325,7 @@ class Registry:
         ]
         if not earlier:
             return None
-        return max(earlier, key=lambda row: (row.status_at or row.created_at, _number(row.version))).version
+        return max(earlier, key=lambda row: (row.status_at or row.created_at, version_number(row.version))).version
 
     def _rollback_target(self, task: Task, current: str) -> str:
         """Return the version a default rollback serves: the champion's parent, else the latest retired one."""
@@ -356,7 +352,7 @@ class Registry:
                 f"no earlier {task} version to roll back to: name one with --to "
                 f"(see `finpulse models list --task {task}`)"
             )
-        return max(retired, key=lambda row: (row.status_at or row.created_at, _number(row.version))).version
+        return max(retired, key=lambda row: (row.status_at or row.created_at, version_number(row.version))).version
 
     def _row_from_disk(self, task: Task, version: str, status: str, serving: str | None = None) -> VersionRow:
         """Build the row of a version found on disk from its model card (a bare row if the card is unreadable)."""
@@ -408,12 +404,6 @@ class Registry:
 
 def _in(domain: str) -> str:
     return "" if domain == DEFAULT_DOMAIN else f" of domain {domain}"
-
-
-def _number(version: str) -> int:
-    """Return the number of a `<task>-vN` version, 0 for other names."""
-    match = _VERSION.match(version)
-    return int(match.group(2)) if match else 0
 
 
 def _parse_time(value: object) -> dt.datetime | None:

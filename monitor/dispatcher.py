@@ -65,7 +65,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from learner.labels import TOPICS
+from learner.tasks import TOPIC
 from monitor.config import TOKEN_HINT, DispatcherConfig, check_token
 from monitor.errors import DispatchError, SubscriptionError
 from monitor.subscriptions import (
@@ -1009,7 +1009,7 @@ def parse_alert(raw: object) -> AlertRecord:
     if severity_rank(severity) is None:
         problems.append(f"labels.severity: {severity!r} is not one of {', '.join(SEVERITIES)}")
     topic = labels.get("topic")
-    if topic is not None and topic not in TOPICS:
+    if topic is not None and topic not in TOPIC.labels:
         problems.append(f"labels.topic: {topic!r} is not a finpulse topic")
     ticker = None
     if labels.get("ticker") is not None:

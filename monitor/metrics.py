@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from learner.labels import TASKS
+from learner.tasks import task_names
 from monitor.config import AlertRulesConfig, MetricsConfig, duration_seconds
 from monitor.errors import MonitorError
 
@@ -390,12 +390,13 @@ class ModelVersionCollector(Collector):
         self,
         counts: Callable[[], dict[tuple[str, str], int]],
         champions: Callable[[], dict[str, str]] | None = None,
-        tasks: Iterable[str] = TASKS,
+        tasks: Iterable[str] | None = None,
     ) -> None:
-        """Take the functions that read event counts per (task, outcome) and, optionally, the champions."""
+        """Take the functions that read event counts per (task, outcome) and, optionally, the champions; export
+        `tasks` (default: every registered one) from 0."""
         self._counts = counts
         self._champions = champions
-        self._tasks = tuple(tasks)
+        self._tasks = tuple(tasks) if tasks is not None else task_names()
         self._last_counts: dict[tuple[str, str], int] = {}
         self._last_champions: dict[str, str] = {}
 

@@ -1,6 +1,6 @@
 """Alert subscriptions: what a subscriber may ask for, and which alerts reach whom.
 
-A subscription names a webhook (`target_url`) and filters: `topics` (among learner.labels.TOPICS),
+A subscription names a webhook (`target_url`) and filters: `topics` (the topic task's labels, learner.tasks.TOPIC),
 `tickers` and `min_severity`. An alert reaches a subscription when its severity is at least
 `min_severity` and, when the subscription has a topics filter, its `topic` label is in it, and, when
 it has a tickers filter, its `ticker` label is in it (both filters must hold when both are set).
@@ -31,7 +31,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import InitVar, dataclass, field
 from typing import Final, Literal, cast
 
-from learner.labels import TOPICS
+from learner.tasks import TOPIC
 from monitor.config import DEFAULT_ALLOWED_HOSTS, METADATA_ADDRESSES, METADATA_HOSTS
 from monitor.errors import SubscriptionError
 from storage.alerts import (
@@ -98,11 +98,11 @@ def _topic_key(text: str) -> str:
     return "".join(text.lower().split())
 
 
-_TOPIC_BY_KEY: Final[dict[str, str]] = {_topic_key(topic): topic for topic in TOPICS}
+_TOPIC_BY_KEY: Final[dict[str, str]] = {_topic_key(topic): topic for topic in TOPIC.labels}
 # Each part of "Energy / Oil" also points at its topic, so "oil" or "Fed" find a suggestion: difflib
 # alone rates "Fed" against "Fed / Central Banks" far below any useful cutoff.
 _TOPIC_ALIASES: Final[dict[str, str]] = {
-    **{_topic_key(part): topic for topic in TOPICS for part in topic.split("/")},
+    **{_topic_key(part): topic for topic in TOPIC.labels for part in topic.split("/")},
     **_TOPIC_BY_KEY,
 }
 
@@ -353,7 +353,8 @@ def check_topics(topics: Iterable[str] | str) -> tuple[str, ...]:
             suggestion = suggest_topic(name)
             if suggestion is not None:
                 raise SubscriptionError(f"subscription topics: unknown topic {name!r} — did you mean {suggestion!r}?")
-            raise SubscriptionError(f"subscription topics: unknown topic {name!r}; choose from: {', '.join(TOPICS)}")
+            known = ", ".join(TOPIC.labels)
+            raise SubscriptionError(f"subscription topics: unknown topic {name!r}; choose from: {known}")
         canonical[topic] = None
     return tuple(canonical)
 

@@ -45,20 +45,20 @@ from rich.text import Text
 from storage.config import StorageConfig
 from storage.errors import QueryError, StorageError, StoreLockedError
 from storage.lake_config import LakeConfig
-from storage.schema import NEWS_COLUMN_NAMES, TIMESTAMP_COLUMNS, from_epoch_us, json_structure, migrate
+from storage.schema import (
+    NEWS_COLUMN_NAMES,
+    PROBABILITY_COLUMNS,
+    TIMESTAMP_COLUMNS,
+    from_epoch_us,
+    json_structure,
+    migrate,
+)
 
 if TYPE_CHECKING:
     from storage.lake import Lake
 
 __all__ = ["FileHistory", "History", "NewsRow", "QueryResult", "WriteResult", "fetch_result", "row_payload"]
 
-_PROBABILITY_FIELDS: Final = (
-    "topic_confidence",
-    "sentiment_confidence",
-    "sentiment_negative",
-    "sentiment_neutral",
-    "sentiment_positive",
-)
 _LOCK_MARKERS: Final = ("Could not set lock", "Conflicting lock")
 # A failed duckdb.connect costs several milliseconds of CPU (it builds a whole database instance
 # before it tries the lock), so its retries back off further than the cheap flock polls.
@@ -123,7 +123,7 @@ class NewsRow:
                 raise ValueError(f"NewsRow.{name} must be timezone-aware, got naive {value!r}")
             object.__setattr__(self, name, value.astimezone(dt.UTC))
         object.__setattr__(self, "tickers", tuple(str(ticker) for ticker in self.tickers))
-        for name in _PROBABILITY_FIELDS:
+        for name in PROBABILITY_COLUMNS:
             # float() turns numpy/torch scalars into floats that json can encode.
             probability = float(getattr(self, name))
             if not 0.0 <= probability <= 1.0:  # also false for NaN

@@ -24,24 +24,26 @@ from typing import Any, Final, Literal
 
 import duckdb
 
+from learner.tasks import SENTIMENT, TOPIC, Task, check_task
 from storage.errors import StorageError
 from storage.history import History
 from storage.schema import DEFAULT_DOMAIN, from_epoch_us, from_epoch_us_required
 
-__all__ = ["Experience", "ExperienceNotFoundError", "LabelRow", "LabelStore", "LabelTask", "Split"]
+__all__ = ["LABEL_TASKS", "Experience", "ExperienceNotFoundError", "LabelRow", "LabelStore", "LabelTask", "Split"]
 
-LabelTask = Literal["sentiment", "topic"]
+# The tasks the `labels` table has a column for, in column order: schema v3 created it and is never edited, so a
+# task registered later needs a migration (and a LabelRow field) before its labels can be stored.
+LABEL_TASKS: Final[tuple[Task, ...]] = (SENTIMENT.name, TOPIC.name)
+LabelTask = Task
 Split = Literal["train", "holdout"]
 
-_TASKS: Final[frozenset[str]] = frozenset({"sentiment", "topic"})
 _SPLITS: Final[frozenset[str]] = frozenset({"train", "holdout"})
 _LABEL_STRUCTURE: Final = json.dumps(
     [
         {
             "id": "VARCHAR",
             "text": "VARCHAR",
-            "sentiment": "VARCHAR",
-            "topic": "VARCHAR",
+            **dict.fromkeys(LABEL_TASKS, "VARCHAR"),
             "labelled_at": "VARCHAR",
             "labeller": "VARCHAR",
             "received_at": "VARCHAR",
@@ -56,9 +58,10 @@ _LABEL_STRUCTURE: Final = json.dumps(
 # The whole batch is bound as one JSON string (duckdb 1.4's Python client spends ~40 µs per bound value);
 # timestamps travel as ISO 8601 strings and are cast in SQL, which needs no pytz.
 _INSERT_LABELS_SQL: Final = (
-    "INSERT INTO labels (id, text, sentiment, topic, labelled_at, labeller, received_at, kafka_topic, "
+    f"INSERT INTO labels (id, text, {', '.join(LABEL_TASKS)}, labelled_at, labeller, received_at, kafka_topic, "
     "kafka_partition, kafka_offset, domain) "
-    "SELECT r.id, r.text, r.sentiment, r.topic, CAST(r.labelled_at AS TIMESTAMPTZ), r.labeller, "
+    f"SELECT r.id, r.text, {', '.join(f'r.{task}' for task in LABEL_TASKS)}, CAST(r.labelled_at AS TIMESTAMPTZ), "
+    "r.labeller, "
     "CAST(r.received_at AS TIMESTAMPTZ), r.kafka_topic, r.kafka_partition, r.kafka_offset, r.domain "
     f"FROM (SELECT unnest(from_json(?, '{_LABEL_STRUCTURE}')) AS r) "
     "WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.id = r.id "
@@ -111,7 +114,8 @@ class LabelRow:
 
     def label(self, task: LabelTask) -> str | None:
         """Return this row's label for `task`, or None when it does not label that task."""
-        return self.sentiment if task == "sentiment" else self.topic
+        found: str | None = getattr(self, _task_column(task))
+        return found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,8 +159,7 @@ class LabelStore:
                 {
                     "id": row.id,
                     "text": row.text,
-                    "sentiment": row.sentiment,
-                    "topic": row.topic,
+                    **{task: row.label(task) for task in LABEL_TASKS},
                     "labelled_at": row.labelled_at.isoformat(),
                     "labeller": row.labeller,
                     "received_at": received,
@@ -181,22 +184,21 @@ class LabelStore:
             if con is None:
                 return []
             records = con.execute(
-                f"{_pending_sql(task)} SELECT id, text, sentiment, topic, epoch_us(labelled_at), labeller, "
-                "kafka_topic, kafka_partition, kafka_offset, domain FROM pending ORDER BY labelled_at, id",
+                f"{_pending_sql(task)} SELECT id, text, epoch_us(labelled_at), labeller, kafka_topic, kafka_partition, "
+                f"kafka_offset, domain, {', '.join(LABEL_TASKS)} FROM pending ORDER BY labelled_at, id",
                 [task],
             ).fetchall()
         return [
             LabelRow(
                 id=r[0],
                 text=r[1],
-                sentiment=r[2],
-                topic=r[3],
-                labelled_at=from_epoch_us_required(r[4]),
-                labeller=r[5],
-                kafka_topic=r[6],
-                kafka_partition=r[7],
-                kafka_offset=r[8],
-                domain=r[9],
+                labelled_at=from_epoch_us_required(r[2]),
+                labeller=r[3],
+                kafka_topic=r[4],
+                kafka_partition=r[5],
+                kafka_offset=r[6],
+                domain=r[7],
+                **dict(zip(LABEL_TASKS, r[8:], strict=True)),
             )
             for r in records
         ]
@@ -360,8 +362,8 @@ class LabelStore:
 
 def _check_task(task: str) -> None:
     """Refuse a task name that is not a column of `labels`: it is spliced into SQL."""
-    if task not in _TASKS:
-        raise ValueError(f"task must be 'sentiment' or 'topic', got {task!r}")
+    if check_task(task) not in LABEL_TASKS:
+        raise ValueError(f"task {task} has no column in the labels table; a migration must add it first")
 
 
 def _task_column(task: str) -> str:

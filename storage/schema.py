@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import duckdb
 
+from learner.tasks import SENTIMENT, TOPIC, TaskSpec, specs
 from storage.errors import StorageError
+
+
+def answer_columns(spec: TaskSpec) -> tuple[tuple[str, str], ...]:
+    """Return the `news` columns of one task's answer: its label, its confidence, then any per-label probability."""
+    probabilities = tuple((name, "DOUBLE") for name in spec.probability_column_names)
+    return ((spec.name, "VARCHAR"), (spec.confidence_column, "DOUBLE"), *probabilities)
+
+
+def task_columns(tasks: Sequence[TaskSpec] | None = None) -> tuple[tuple[str, str], ...]:
+    """Return the `news` columns the tasks' scores take (default: every registered task's), task by task.
+
+    A task registered after schema v1 has none of them in a history yet: its migration adds these.
+    """
+    return tuple(
+        column
+        for spec in (specs() if tasks is None else tasks)
+        for column in (*answer_columns(spec), (spec.version_column, "VARCHAR"))
+    )
+
+
+# The tasks whose answers `news` stores, in the order of their columns in the v1 DDL: the answers of both, then
+# the versions of both. That DDL shipped and is never edited, so a task added later is not among these.
+NEWS_TASKS: Final[tuple[TaskSpec, ...]] = (TOPIC, SENTIMENT)
 
 # One place for the columns: the DDL, the JSON structure used to bulk-insert a batch and the
 # SELECT that reads rows back are all derived from it, so they cannot drift apart.
@@ -22,15 +47,8 @@ NEWS_COLUMNS_V1: Final[tuple[tuple[str, str], ...]] = (
     ("source", "VARCHAR"),
     ("text", "VARCHAR"),
     ("tickers", "VARCHAR[]"),
-    ("topic", "VARCHAR"),
-    ("topic_confidence", "DOUBLE"),
-    ("sentiment", "VARCHAR"),
-    ("sentiment_confidence", "DOUBLE"),
-    ("sentiment_negative", "DOUBLE"),
-    ("sentiment_neutral", "DOUBLE"),
-    ("sentiment_positive", "DOUBLE"),
-    ("topic_version", "VARCHAR"),
-    ("sentiment_version", "VARCHAR"),
+    *(column for spec in NEWS_TASKS for column in answer_columns(spec)),
+    *((spec.version_column, "VARCHAR") for spec in NEWS_TASKS),
     ("scored_at", "TIMESTAMPTZ"),
     ("kafka_topic", "VARCHAR"),
     ("kafka_partition", "INTEGER"),
@@ -45,6 +63,10 @@ NEWS_COLUMNS: Final[tuple[tuple[str, str], ...]] = NEWS_COLUMNS_V1 + NEWS_COLUMN
 DEFAULT_DOMAIN: Final = "default"
 
 NEWS_COLUMN_NAMES: Final[tuple[str, ...]] = tuple(name for name, _ in NEWS_COLUMNS)
+# Confidences and per-label probabilities: a NewsRow refuses values outside [0, 1] in them.
+PROBABILITY_COLUMNS: Final[tuple[str, ...]] = tuple(
+    name for spec in NEWS_TASKS for name in (spec.confidence_column, *spec.probability_column_names)
+)
 TIMESTAMP_COLUMNS: Final[frozenset[str]] = frozenset(
     name for name, sql_type in NEWS_COLUMNS if sql_type == "TIMESTAMPTZ"
 )

@@ -24,9 +24,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 
 from learner.domains import check_domain
-from learner.labels import SENTIMENTS, TOPICS
+from learner.tasks import labels_of
 from storage import StorageError
-from storage.labels import LabelRow, LabelStore
+from storage.labels import LABEL_TASKS, LabelRow, LabelStore
 from stream.config import RECONNECT_BACKOFF_MAX_MS, TopicNames
 from stream.connection import Target, client_kwargs
 from stream.messages import (
@@ -83,20 +83,22 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> LabelRow | Invali
     labelled_at = parse_timestamp(payload["labelled_at"])
     if labelled_at is None:
         return Invalid(Reason.BAD_TIMESTAMP, f"'labelled_at' is not RFC 3339: {payload['labelled_at'][:64]!r}")
-    labels: dict[str, str | None] = {}
-    for name, allowed in (("sentiment", SENTIMENTS), ("topic", TOPICS)):
+    labels: dict[str, Any] = {}  # str | None each; Any so that it spreads into LabelRow's keywords
+    for name in LABEL_TASKS:
+        allowed = labels_of(name)
         given = payload.get(name)
         if given is None:
             labels[name] = None
         elif not isinstance(given, str):
             return Invalid(Reason.WRONG_TYPE, f"{name!r} must be a string, got {type(given).__name__}")
         elif given not in allowed:
-            shown = list(allowed) if len(allowed) <= 3 else f"one of the {len(allowed)} topics"
+            shown = list(allowed) if len(allowed) <= 3 else f"one of the {len(allowed)} {name}s"
             return Invalid(Reason.UNKNOWN_LABEL, f"{name!r} is {given[:64]!r}; expected {shown}")
         else:
             labels[name] = given
-    if labels["sentiment"] is None and labels["topic"] is None:
-        return Invalid(Reason.MISSING_FIELD, "a label needs 'sentiment', 'topic' or both")
+    if all(label is None for label in labels.values()):
+        named = ", ".join(repr(name) for name in LABEL_TASKS)
+        return Invalid(Reason.MISSING_FIELD, f"a label needs {named} or both")
     labeller = payload.get("labeller")
     if labeller is not None and (not isinstance(labeller, str) or len(labeller) > MAX_LABELLER_CHARS):
         return Invalid(Reason.WRONG_TYPE, f"'labeller' must be a string of at most {MAX_LABELLER_CHARS} characters")
@@ -114,11 +116,10 @@ def _validate(payload: dict[str, Any], max_text_bytes: int) -> LabelRow | Invali
     return LabelRow(
         id=label_id,
         text=text,
-        sentiment=labels["sentiment"],
-        topic=labels["topic"],
         labelled_at=labelled_at,
         labeller=labeller,
         domain=domain,
+        **labels,
     )
 
 

@@ -19,8 +19,8 @@ from kafka.structs import OffsetAndMetadata
 from learner.adapters import AdapterStore
 from learner.config import ModelConfig
 from learner.domains import DomainTable
-from learner.labels import Task
 from learner.model import Classifier, Prediction, TaskModel
+from learner.tasks import SENTIMENT, TOPIC, Task
 from monitor.metrics import ScorerMetrics
 from storage import History
 from stream.config import RECONNECT_BACKOFF_MAX_MS, KafkaConfig, ScorerConfig, TopicNames
@@ -152,7 +152,8 @@ class Scorer:
         self._stop = threading.Event()
         metrics.set_versions(classifier.serving)
         models = classifier.models
-        metrics.declare(models["topic"].labels, models["sentiment"].labels, config.watchlist)
+        # The throughput series the sentiment-spike rules read are topic x sentiment (monitor.rules).
+        metrics.declare(models[TOPIC.name].labels, models[SENTIMENT.name].labels, config.watchlist)
         metrics.declare_stages([sink.name for sink in self.sinks] + ["dedupe", "model", "dlq", "commit"])
         self.inference_batch = config.inference_batch or (512 if classifier.device.type == "cuda" else 32)
         self.lag = LagMonitor(

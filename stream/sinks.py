@@ -19,7 +19,9 @@ from typing import Any, ClassVar
 from kafka import KafkaProducer
 
 from learner.model import Prediction
+from learner.tasks import specs, task_names
 from storage import History, NewsRow
+from storage.schema import NEWS_TASKS
 from stream.admin import broker_answers
 from stream.errors import StreamError
 from stream.messages import NewsItem
@@ -165,18 +167,41 @@ def scored_value(scored: Scored) -> bytes:
             "source": item.source,
             "tickers": list(item.tickers),
             "text": item.text,
-            "topic": prediction.topic,
-            "topic_confidence": round(prediction.topic_confidence, 6),
-            "sentiment": prediction.sentiment,
-            "sentiment_confidence": round(prediction.sentiment_confidence, 6),
-            "sentiment_scores": {k: round(v, 6) for k, v in prediction.sentiment_scores.items()},
-            "versions": {"sentiment": prediction.sentiment_version, "topic": prediction.topic_version},
+            **_answer_fields(prediction),
+            "versions": {task: prediction.answer(task).version for task in task_names()},
             "language": prediction.language,
             "outcome": prediction.outcome,
             "scored_at": scored.scored_at.isoformat(),
         },
         ensure_ascii=False,
     ).encode("utf-8")
+
+
+def _answer_fields(prediction: Prediction) -> dict[str, Any]:
+    """Return the `news.scored` fields of every task's answer: `<task>`, `<task>_confidence` and `<task>_scores`
+    where the task keeps every label's probability."""
+    fields: dict[str, Any] = {}
+    for spec in specs():
+        answer = prediction.answer(spec.name)
+        fields[spec.name] = answer.label
+        fields[spec.confidence_column] = round(answer.confidence, 6)
+        if answer.scores is not None:
+            fields[spec.scores_field] = {k: round(v, 6) for k, v in answer.scores.items()}
+    return fields
+
+
+def _answer_columns(prediction: Prediction) -> dict[str, Any]:
+    """Return the history columns of the answers of the tasks `news` stores."""
+    columns: dict[str, Any] = {}
+    for spec in NEWS_TASKS:
+        answer = prediction.answer(spec.name)
+        columns[spec.name] = answer.label
+        columns[spec.confidence_column] = answer.confidence
+        columns[spec.version_column] = answer.version
+        if answer.scores is not None:
+            probabilities = (answer.scores[label] for label in spec.labels)
+            columns.update(zip(spec.probability_column_names, probabilities, strict=True))
+    return columns
 
 
 def news_row(scored: Scored) -> NewsRow:
@@ -188,19 +213,11 @@ def news_row(scored: Scored) -> NewsRow:
         source=item.source,
         text=item.text,
         tickers=item.tickers,
-        topic=prediction.topic,
-        topic_confidence=prediction.topic_confidence,
-        sentiment=prediction.sentiment,
-        sentiment_confidence=prediction.sentiment_confidence,
-        sentiment_negative=prediction.sentiment_scores["negative"],
-        sentiment_neutral=prediction.sentiment_scores["neutral"],
-        sentiment_positive=prediction.sentiment_scores["positive"],
-        topic_version=prediction.topic_version,
-        sentiment_version=prediction.sentiment_version,
         scored_at=scored.scored_at,
         kafka_topic=record.topic,
         kafka_partition=record.partition,
         kafka_offset=record.offset,
         language=prediction.language,
         outcome=prediction.outcome,
+        **_answer_columns(prediction),
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, Vali
 from learner.adapters import AdapterStore
 from learner.domains import DEFAULT_DOMAIN
 from learner.errors import ModelLoadError
-from learner.labels import TASKS, Task
+from learner.tasks import Task, check_task, task_names, version_task
 from stream.broker import LocalBroker
 from stream.config import KafkaConfig
 from stream.connection import Connection, Target, client_kwargs
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 POINTERS = "champion-files"
 
 UpdateEvent = Literal["promoted", "rolled_back", "manual"]
-_VERSION = re.compile(r"^(sentiment|topic)-v\d+$")
 
 
 class UpdateError(StreamError):
@@ -60,11 +58,16 @@ class ModelUpdate(BaseModel):
     previous: str | None
     at: AwareDatetime
 
+    @field_validator("task")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return check_task(value)
+
     @field_validator("version", "previous")
     @classmethod
     def _version_of_the_task(cls, value: str | None, info: ValidationInfo) -> str | None:
         task = info.data.get("task")  # absent when the task itself was refused: that error is reported instead
-        if value is not None and task is not None and not (_VERSION.match(value) and value.startswith(task + "-v")):
+        if value is not None and task is not None and version_task(value) != task:
             raise ValueError(f"{value!r} is not a {task} version; expected {task}-vN")
         return value
 
@@ -258,7 +261,7 @@ class SwapMetrics:
 
     def declare(self) -> None:
         """Export the counters at 0 for every task in the default domain, before the first swap."""
-        for task in TASKS:
+        for task in task_names():
             self.swaps.labels(task=task, domain=DEFAULT_DOMAIN)
             self.failures.labels(task=task, domain=DEFAULT_DOMAIN)
 
@@ -307,7 +310,7 @@ class ModelSwapper:
         self._failed: dict[tuple[Task, str], tuple[str, Fingerprint]] = {}
         self._pointer_error: dict[Task, str] = {}
         # The first call reads every champion: the listener exists by then, so nothing falls in between.
-        self._stale: set[Task] = set(TASKS)
+        self._stale: set[Task] = set(task_names())
         self._next_check = time.monotonic() + check_s
         metrics.declare()
 
@@ -321,7 +324,7 @@ class ModelSwapper:
                 )
                 self._stale.add(update.task)
         if self.check_s > 0 and time.monotonic() >= self._next_check:
-            self._stale.update(TASKS)
+            self._stale.update(task_names())
             self._next_check = time.monotonic() + self.check_s
         for task in sorted(self._stale):
             self._look(task)
