@@ -113,7 +113,7 @@ class LearnerMetrics:
             ["task"],
             registry=registry,
         )
-        registry.register(ModelVersionCollector(versions.event_counts, versions.champions))
+        registry.register(ModelVersionCollector(versions.event_counts_by_domain, versions.champions_by_domain))
         for outcome in ("stored", "dead_lettered"):
             self.labels.labels(outcome=outcome)
         for task in task_names():

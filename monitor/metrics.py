@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from learner.domains import DEFAULT_DOMAIN
 from learner.tasks import task_names
 from monitor.config import AlertRulesConfig, MetricsConfig, duration_seconds
 from monitor.errors import MonitorError
@@ -381,24 +382,28 @@ class ModelVersionCollector(Collector):
     """Exports the model registry's event counts and champions, read from DuckDB at every scrape.
 
     Read at scrape time instead of counted in memory so that CLI promotions and rollbacks count too and a
-    restart does not reset the counter: `finpulse_model_versions_total{task,outcome}` is the number of
-    logged events, which never goes down. Every task x outcome is exported from 0, so the first event is
-    an increase that `increase()` sees. Register it with `registry.register(ModelVersionCollector(...))`.
+    restart does not reset the counter: `finpulse_model_versions_total{task,domain,outcome}` is the number
+    of logged events, which never goes down. Every task x outcome of the default domain is exported from 0,
+    so the first event is an increase that `increase()` sees; another domain's task is exported from 0 once
+    it has an event or a champion, and kept from then on, so its next event is an increase too.
+    Register it with `registry.register(ModelVersionCollector(...))`.
     """
 
     def __init__(
         self,
-        counts: Callable[[], dict[tuple[str, str], int]],
-        champions: Callable[[], dict[str, str]] | None = None,
+        counts: Callable[[], dict[tuple[str, str, str], int]],
+        champions: Callable[[], dict[tuple[str, str], str]] | None = None,
         tasks: Iterable[str] | None = None,
     ) -> None:
-        """Take the functions that read event counts per (task, outcome) and, optionally, the champions; export
-        `tasks` (default: every registered one) from 0."""
+        """Take the functions that read event counts per (task, domain, outcome) and, optionally, the champion
+        of each (task, domain); export `tasks` (default: every registered one) from 0 in the default domain."""
         self._counts = counts
         self._champions = champions
         self._tasks = tuple(tasks) if tasks is not None else task_names()
-        self._last_counts: dict[tuple[str, str], int] = {}
-        self._last_champions: dict[str, str] = {}
+        self._last_counts: dict[tuple[str, str, str], int] = {}
+        self._last_champions: dict[tuple[str, str], str] = {}
+        # Only grows: a domain's series must not vanish when its champion is withdrawn or a read fails.
+        self._exported: set[tuple[str, str]] = {(task, DEFAULT_DOMAIN) for task in self._tasks}
 
     def describe(self) -> Iterator[Metric]:
         """Name the families without reading DuckDB, so that registering the collector costs nothing."""
@@ -415,15 +420,17 @@ class ModelVersionCollector(Collector):
                 self._last_champions = dict(self._champions())
         except Exception as e:  # a locked or unreadable file must not fail the whole scrape
             _log.warning("model version metrics not refreshed: %s", e)
+        self._exported.update((task, domain) for task, domain, _ in self._last_counts)
+        self._exported.update(self._last_champions)
         versions, champion = self._families()
-        counts = {(task, outcome): 0 for task in self._tasks for outcome in MODEL_OUTCOMES}
+        counts = {(task, domain, outcome): 0 for task, domain in self._exported for outcome in MODEL_OUTCOMES}
         counts.update(self._last_counts)
-        for (task, outcome), count in sorted(counts.items()):
-            versions.add_metric([task, outcome], count)
+        for (task, domain, outcome), count in sorted(counts.items()):
+            versions.add_metric([task, domain, outcome], count)
         yield versions
         if self._champions is not None:
-            for task, version in sorted(self._last_champions.items()):
-                champion.add_metric([task, version], 1)
+            for (task, domain), version in sorted(self._last_champions.items()):
+                champion.add_metric([task, domain, version], 1)
             yield champion
 
     def _families(self) -> tuple[CounterMetricFamily, GaugeMetricFamily]:
@@ -431,13 +438,13 @@ class ModelVersionCollector(Collector):
         return (
             CounterMetricFamily(
                 "finpulse_model_versions",
-                "Adapter versions promoted, rejected or rolled back, by task and outcome (from DuckDB).",
-                labels=["task", "outcome"],
+                "Adapter versions promoted, rejected or rolled back, by task, domain and outcome (from DuckDB).",
+                labels=["task", "domain", "outcome"],
             ),
             GaugeMetricFamily(
                 "finpulse_model_champion_info",
-                "Champion adapter version of each task as the registry records it (value 1).",
-                labels=["task", "version"],
+                "Champion adapter version of each task in each domain as the registry records it (value 1).",
+                labels=["task", "domain", "version"],
             ),
         )
 

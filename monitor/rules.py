@@ -319,19 +319,21 @@ def _operations_group(config: AlertRulesConfig) -> dict[str, Any]:
             "rejected",
             "ModelVersionRejected",
             "info",
-            f'{{{{ $labels.task }}}} model: {{{{ $value | printf "%.0f" }}}} candidate version(s) rejected in '
-            f"the last {ew}; the serving version stays",
+            f'{{{{ $labels.task }}}} model ({{{{ $labels.domain }}}} domain): {{{{ $value | printf "%.0f" }}}} '
+            f"candidate version(s) rejected in the last {ew}; the serving version stays",
             "The learner tried a new adapter version and kept the serving one because the candidate scored "
-            "worse on its evaluation; repeated rejections mean the new labels or the training drifted.",
+            "worse on its evaluation; repeated rejections mean the new labels or the training drifted. Each "
+            "domain has its own champion: a rejection in one leaves the others as they are.",
         ),
         (
             "rolled_back",
             "ModelRolledBack",
             "warning",
-            f'{{{{ $labels.task }}}} model: rolled back {{{{ $value | printf "%.0f" }}}} time(s) in the last '
-            f"{ew}; the previous version serves again",
-            "A promoted adapter version was taken back after it went live; finpulse_model_version_info shows the "
-            "version serving now, and the learner's log why the promoted one failed.",
+            f"{{{{ $labels.task }}}} model ({{{{ $labels.domain }}}} domain): rolled back "
+            f'{{{{ $value | printf "%.0f" }}}} time(s) in the last {ew}; the previous version serves again',
+            "A promoted adapter version was taken back after it went live, in this domain only; "
+            "finpulse_model_version_info shows the version each domain is served now, and the learner's log why "
+            "the promoted one failed.",
         ),
     ):
         rules.append(_model_event_alert(config, outcome, alert, severity, summary, description))
@@ -422,8 +424,9 @@ def _model_event_alert(
     """Return an alert that fires for `model_event_window` after a model version outcome."""
     return {
         "alert": alert,
+        # By domain too: each domain has its own champion, so an event in one says nothing about the others.
         "expr": _recent_events(
-            f'finpulse_model_versions_total{{outcome="{outcome}"}}', "task", config.model_event_window
+            f'finpulse_model_versions_total{{outcome="{outcome}"}}', "task, domain", config.model_event_window
         ),
         "labels": {"severity": severity, "category": "model"},
         "annotations": {

@@ -188,6 +188,16 @@ class ModelVersionStore:
             ).fetchall()
         return {str(task): str(version) for task, version in records}
 
+    def champions_by_domain(self) -> dict[tuple[str, str], str]:
+        """Return the recorded champion version of every (task, domain) that has one."""
+        with self._read("reading the champions") as con:
+            if con is None:
+                return {}
+            records = con.execute(
+                f"SELECT task, {_DOMAIN_SQL}, version FROM model_versions WHERE status = 'champion'"
+            ).fetchall()
+        return {(str(task), str(domain)): str(version) for task, domain, version in records}
+
     def set_champion(
         self,
         task: str,
@@ -321,6 +331,16 @@ class ModelVersionStore:
                 return {}
             records = con.execute("SELECT task, outcome, count(*) FROM model_events GROUP BY ALL").fetchall()
         return {(str(task), str(outcome)): int(count) for task, outcome, count in records}
+
+    def event_counts_by_domain(self) -> dict[tuple[str, str, str], int]:
+        """Return how many events of each (task, domain, outcome) were ever logged."""
+        with self._read("counting model events") as con:
+            if con is None:
+                return {}
+            records = con.execute(
+                f"SELECT task, {_DOMAIN_SQL}, outcome, count(*) FROM model_events GROUP BY ALL"
+            ).fetchall()
+        return {(str(task), str(domain), str(outcome)): int(count) for task, domain, outcome, count in records}
 
     def _write(self, what: str) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
         return self._history.transaction(what)

@@ -1193,11 +1193,11 @@ def exported_series() -> frozenset[str]:
 class _Versions:
     """A model registry with one event and one champion, so the learner's collector exports both families."""
 
-    def event_counts(self) -> dict[tuple[str, str], int]:
-        return {("sentiment", "promoted"): 1}
+    def event_counts_by_domain(self) -> dict[tuple[str, str, str], int]:
+        return {("sentiment", "default", "promoted"): 1}
 
-    def champions(self) -> dict[str, str]:
-        return {"sentiment": "sentiment-v1"}
+    def champions_by_domain(self) -> dict[tuple[str, str], str]:
+        return {("sentiment", "default"): "sentiment-v1"}
 
 
 def service_registries() -> Iterator[tuple[str, CollectorRegistry]]:
@@ -1210,7 +1210,7 @@ def service_registries() -> Iterator[tuple[str, CollectorRegistry]]:
     SwapMetrics(scorer.registry).declare()
     yield "scorer", scorer.registry
     learner = CollectorRegistry()
-    LearnerMetrics(learner, _Versions())  # type: ignore[arg-type]  # only event_counts and champions are read
+    LearnerMetrics(learner, _Versions())  # type: ignore[arg-type]  # only the two *_by_domain reads are used
     yield "learner", learner
     dispatcher = CollectorRegistry()
     DeliveryMetrics(dispatcher, lambda: {"energy-desk": 0}).declare("energy-desk")

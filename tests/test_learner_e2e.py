@@ -219,7 +219,12 @@ def test_labels_become_a_promoted_version_that_scorers_switch_to_mid_stream_and_
     assert History(config.storage).query("SELECT count(*) FROM labels").rows == [(400,)]
     letters = _dead_letters(kafka_bootstrap, topics.dlq)
     assert sorted(str(d["reason"]) for d in letters) == ["invalid_json", "unknown_label"]
-    assert registry.get_sample_value("finpulse_model_versions_total", {"task": "sentiment", "outcome": "promoted"}) == 1
+    assert (
+        registry.get_sample_value(
+            "finpulse_model_versions_total", {"task": "sentiment", "domain": "default", "outcome": "promoted"}
+        )
+        == 1
+    )
     assert registry.get_sample_value("finpulse_learner_labels_total", {"outcome": "dead_lettered"}) == 2
 
     # The running scorer switches between batches, without a restart.
@@ -237,7 +242,12 @@ def test_labels_become_a_promoted_version_that_scorers_switch_to_mid_stream_and_
     assert store.champion("sentiment") == "sentiment-v2"
     rejected = versions.get(second[0].version)
     assert rejected is not None and rejected.status == "rejected" and rejected.reason == second[0].reason
-    assert registry.get_sample_value("finpulse_model_versions_total", {"task": "sentiment", "outcome": "rejected"}) == 1
+    assert (
+        registry.get_sample_value(
+            "finpulse_model_versions_total", {"task": "sentiment", "domain": "default", "outcome": "rejected"}
+        )
+        == 1
+    )
 
     # Stop the stream and account for every message: one row each, named by the version that scored it.
     producer.stop()

@@ -290,10 +290,10 @@ def test_staging_dirs_are_invisible_until_committed_and_discarded_after_a_crash(
 
 def test_collector_exports_every_task_and_outcome_and_the_champions(registry: Registry) -> None:
     metrics = CollectorRegistry()
-    metrics.register(ModelVersionCollector(registry.versions.event_counts, registry.versions.champions))
+    metrics.register(_collector(registry))
 
     def value(name: str, **labels: str) -> float | None:
-        return metrics.get_sample_value(name, labels)
+        return metrics.get_sample_value(name, {"domain": "default", **labels})
 
     for task in ("sentiment", "topic"):
         for outcome in ("promoted", "rejected", "rolled_back"):
@@ -309,10 +309,49 @@ def test_collector_exports_every_task_and_outcome_and_the_champions(registry: Re
     assert value("finpulse_model_champion_info", task="sentiment", version=v2) is None
 
 
-def test_collector_keeps_the_last_counts_when_duckdb_cannot_be_read() -> None:
-    answers: list[dict[tuple[str, str], int] | Exception] = [{("topic", "rejected"): 2}, OSError("locked")]
+def test_collector_exports_a_domain_from_its_first_event_and_keeps_it(registry: Registry) -> None:
+    metrics = CollectorRegistry()
+    metrics.register(_collector(registry))
 
-    def counts() -> dict[tuple[str, str], int]:
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.get_sample_value(name, labels)
+
+    def champions() -> dict[tuple[str, str], str]:
+        [family] = [f for f in metrics.collect() if f.name == "finpulse_model_champion_info"]
+        return {(s.labels["task"], s.labels["domain"]): s.labels["version"] for s in family.samples}
+
+    # No series of a domain before it has anything: the default domain alone is exported from 0.
+    assert value("finpulse_model_versions_total", task="sentiment", domain="stocktweets", outcome="promoted") is None
+    default_champions = {("sentiment", "default"): "sentiment-v1", ("topic", "default"): "topic-v1"}
+    assert champions() == default_champions
+    version = _candidate(registry, "sentiment", "sentiment-v1")
+    registry.promote("sentiment", version, "better on stocktweets", domain="stocktweets")
+    stocktweets = {"task": "sentiment", "domain": "stocktweets"}
+    assert value("finpulse_model_versions_total", **stocktweets, outcome="promoted") == 1
+    # The domain's other outcomes start from 0, so that its first rejection or rollback is an increase.
+    assert value("finpulse_model_versions_total", **stocktweets, outcome="rejected") == 0
+    assert value("finpulse_model_versions_total", **stocktweets, outcome="rolled_back") == 0
+    assert value("finpulse_model_champion_info", **stocktweets, version=version) == 1
+    assert champions() == {**default_champions, ("sentiment", "stocktweets"): version}
+    assert value("finpulse_model_versions_total", task="sentiment", domain="default", outcome="promoted") == 0
+    assert value("finpulse_model_versions_total", task="topic", domain="stocktweets", outcome="promoted") is None
+    # Withdrawn, the domain keeps its counters and loses its champion series.
+    registry.rollback("sentiment", domain="stocktweets")
+    assert value("finpulse_model_versions_total", **stocktweets, outcome="rolled_back") == 1
+    assert champions() == default_champions
+
+
+def _collector(registry: Registry) -> ModelVersionCollector:
+    return ModelVersionCollector(registry.versions.event_counts_by_domain, registry.versions.champions_by_domain)
+
+
+def test_collector_keeps_the_last_counts_when_duckdb_cannot_be_read() -> None:
+    answers: list[dict[tuple[str, str, str], int] | Exception] = [
+        {("topic", "default", "rejected"): 2, ("topic", "wire", "rejected"): 1},
+        OSError("locked"),
+    ]
+
+    def counts() -> dict[tuple[str, str, str], int]:
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -321,8 +360,11 @@ def test_collector_keeps_the_last_counts_when_duckdb_cannot_be_read() -> None:
     metrics = CollectorRegistry()
     metrics.register(ModelVersionCollector(counts))
     for _ in range(2):
-        assert metrics.get_sample_value("finpulse_model_versions_total", {"task": "topic", "outcome": "rejected"}) == 2
-    assert metrics.get_sample_value("finpulse_model_champion_info", {"task": "topic", "version": "topic-v1"}) is None
+        for domain, count in (("default", 2), ("wire", 1)):
+            labels = {"task": "topic", "domain": domain, "outcome": "rejected"}
+            assert metrics.get_sample_value("finpulse_model_versions_total", labels) == count
+    labels = {"task": "topic", "domain": "default", "version": "topic-v1"}
+    assert metrics.get_sample_value("finpulse_model_champion_info", labels) is None
 
 
 # -- the command line -------------------------------------------------------------------------------------
