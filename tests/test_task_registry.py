@@ -193,7 +193,12 @@ def test_the_model_version_metrics_export_a_registered_task_from_zero(third: Tas
     registry = CollectorRegistry()
     registry.register(ModelVersionCollector(dict))
     for outcome in ("promoted", "rejected", "rolled_back"):
-        assert registry.get_sample_value("finpulse_model_versions_total", {"task": "risk", "domain": "default", "outcome": outcome}) == 0
+        assert (
+            registry.get_sample_value(
+                "finpulse_model_versions_total", {"task": "risk", "domain": "default", "outcome": outcome}
+            )
+            == 0
+        )
     SwapMetrics(registry).declare()
     labels = {"task": "risk", "domain": "default"}
     assert registry.get_sample_value("finpulse_model_swaps_total", labels) == 0
@@ -203,8 +208,18 @@ def test_the_model_version_metrics_export_a_registered_task_from_zero(third: Tas
 def test_without_it_the_metrics_have_no_series_of_it() -> None:
     registry = CollectorRegistry()
     registry.register(ModelVersionCollector(dict))
-    assert registry.get_sample_value("finpulse_model_versions_total", {"task": "risk", "domain": "default", "outcome": "promoted"}) is None
-    assert registry.get_sample_value("finpulse_model_versions_total", {"task": "topic", "domain": "default", "outcome": "promoted"}) == 0
+    assert (
+        registry.get_sample_value(
+            "finpulse_model_versions_total", {"task": "risk", "domain": "default", "outcome": "promoted"}
+        )
+        is None
+    )
+    assert (
+        registry.get_sample_value(
+            "finpulse_model_versions_total", {"task": "topic", "domain": "default", "outcome": "promoted"}
+        )
+        == 0
+    )
 
 
 def test_a_model_update_of_a_registered_task_is_accepted(third: TaskSpec) -> None:
