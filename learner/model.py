@@ -342,8 +342,10 @@ class TaskModel:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
         """Return the logits of a batch from the hidden states at layer `start`."""
-        for layer in self.layers:
-            hidden = layer(hidden, extended)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            # The pooler reads the [CLS] state only: the top layer computes nothing else.
+            hidden = layer(hidden, extended, first_only=index == last)
         return self.classifier(self.pooler(hidden))
 
     def probabilities(self, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
