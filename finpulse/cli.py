@@ -855,6 +855,11 @@ def _bench_cl_from_champion(args: argparse.Namespace, config: AppConfig, console
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for name, s in doc["strategies"].items():
         table.add_row(name, *(f"{s['gain'][d]:+.3f}" for d in domains), f"{s['tfns_change']:+.3f}")
+        # A strategy's row is what is served, past the gate; each candidate's own row shows what it learnt.
+        for domain, c in s.get("candidates", {}).items():
+            verdict = "promoted" if c["promote"] else "rejected"
+            cells = [f"{c['gain']:+.3f}" if d == domain else "" for d in domains]
+            table.add_row(f"  candidate {c['version']} ({verdict})", *cells, f"{c['tfns_change']:+.3f}")
     console.print(table)
     console.print(f"wall {doc['wall_s']:.0f} s; written to {out}")
     return 0

@@ -5,14 +5,17 @@ from a domain that labels differently. Here the learner's own trainer (`learner.
 code `finpulse learn` runs) continues the shipped sentiment champion on each new domain of the `bench cl`
 sequence (SEntFiN headlines, then the stock-market tweets) in two ways:
 
-* `replay_ewc`, one global adapter: each domain is learnt into the same version with replay of the TFNS memory
-  and online EWC, so every domain, TFNS included, is served the result;
+* `replay_ewc`, one global adapter: each domain is learnt with replay of the TFNS memory and online EWC into a
+  candidate for every domain, TFNS included; as in `finpulse learn`, the next domain starts from what is served,
+  which changes only when the gate promotes;
 * `domain_scoped`: each domain gets its own version, trained from the champion, served to that domain only; TFNS
   (the default domain) keeps being served the champion.
 
-Reported per strategy: the gain on each new domain's test set (the version serving that domain against the
-champion) and the change on TFNS (the version serving the default domain against the champion), with the gate's
-decision on each candidate. Every trained version lives in a scratch copy of the adapters.
+Reported per strategy: the gain on each new domain's test set (the version serving that domain at the end against
+the champion) and the change on TFNS (the version serving the default domain against the champion), with the
+gate's decision on each candidate; for `replay_ewc` also each candidate's own gain and TFNS change, promoted or
+not: what replay + EWC learnt, apart from what the gate let through. Every trained version lives in a scratch
+copy of the adapters.
 """
 
 from __future__ import annotations
@@ -64,22 +67,37 @@ def run_from_champion(
         exp0 = ExperienceSlices(0, [(t, y) for _, t, y in memory], [(t, y) for _, t, y in tfns_holdout])
         seed_memory = [(t, y) for _, t, y in memory]
 
-        # One global adapter: every domain learnt into it, in turn, with replay + EWC.
-        current, earlier, gates = champion, [exp0], {}
+        # One global adapter: every domain learnt into it, in turn, with replay + EWC, through the gate.
+        served, earlier, gates, candidates = champion, [exp0], {}, {}
         for number, domain in enumerate(new_domains, start=1):
             slices = _slices(number, domain, config, "default")
-            say(f"replay_ewc: learning {domain.name} from {current}…")
+            say(f"replay_ewc: learning {domain.name} from {served}…")
             candidate = train_candidate(
-                "sentiment", store, current, slices, earlier, config, mc, seed_memory=seed_memory
+                "sentiment", store, served, slices, earlier, config, mc, seed_memory=seed_memory
             )
-            gates[domain.name] = decide(candidate.new, candidate.earlier, config.min_gain, config.max_forgetting)
-            current, earlier = candidate.version, [*earlier, slices]
-        global_final = {e.name: judge.accuracy(current, e.test) for e in experiences}
+            decision = decide(candidate.new, candidate.earlier, config.min_gain, config.max_forgetting)
+            gates[domain.name] = {"promote": decision.promote, "reason": decision.reason}
+            candidates[domain.name] = {
+                "version": candidate.version,
+                "gain": round(judge.accuracy(candidate.version, domain.test) - base[domain.name], 4),
+                "tfns_change": round(judge.accuracy(candidate.version, tfns.test) - base[tfns.name], 4),
+                "promote": decision.promote,
+            }
+            say(
+                f"replay_ewc: {candidate.version} gains {candidates[domain.name]['gain']:+.3f} on {domain.name}, "
+                f"{candidates[domain.name]['tfns_change']:+.3f} on TFNS: "
+                + ("promoted" if decision.promote else f"rejected ({decision.reason})")
+            )
+            if decision.promote:
+                served = candidate.version
+            earlier = [*earlier, slices]
+        global_final = {e.name: judge.accuracy(served, e.test) for e in experiences}
         replay_ewc = {
             "gain": {d.name: round(global_final[d.name] - base[d.name], 4) for d in new_domains},
             "tfns_change": round(global_final[tfns.name] - base[tfns.name], 4),
-            "version": current,
-            "gate": {name: {"promote": g.promote, "reason": g.reason} for name, g in gates.items()},
+            "version": served,
+            "gate": gates,
+            "candidates": candidates,
         }
 
         # A version per domain, from the champion; the default domain keeps the champion.

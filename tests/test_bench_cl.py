@@ -69,4 +69,10 @@ def test_from_champion_learns_each_domain_and_the_scoped_one_leaves_tfns_alone(
     assert scoped["tfns_change"] == 0.0
     assert all(-1 <= g <= 1 for s in (scoped, shared) for g in s["gain"].values())
     assert -1 <= shared["tfns_change"] <= 1 and set(shared["gate"]) == {"sentfin", "stock_tweets"}
+    # The global strategy serves a candidate only once the gate promotes it; each candidate is reported either way.
+    assert set(shared["candidates"]) == {"sentfin", "stock_tweets"}
+    promoted = [c["version"] for c in shared["candidates"].values() if c["promote"]]
+    assert shared["version"] == (promoted[-1] if promoted else "sentiment-v1")
+    if not promoted:
+        assert shared["tfns_change"] == 0.0 and set(shared["gain"].values()) == {0.0}
     assert json.loads(out.read_text(encoding="utf-8"))["champion"] == "sentiment-v1"
