@@ -28,6 +28,7 @@ from finpulse.config import AppConfig
 from finpulse.replay import ReplayProducer, labelled_stream, news_messages
 from finpulse.runtime import connect
 from learner.adapters import AdapterStore
+from learner.encoder import load_tokenizer
 from learner.model import Answer, Classifier, Prediction, load_merged, module_dtype, set_compute_threads
 from learner.tasks import SENTIMENT, labels_of
 from monitor.metrics import ScorerMetrics
@@ -69,15 +70,18 @@ class PipelineBaseline:
         scored_topic: str,
         history: History,
         max_batch: int,
+        base_model: str = "",
     ) -> None:
         from transformers import pipeline
 
         device = classifier.device
+        # The naive user's tokenizer: transformers' own (the scorer reads the same tokenizer.json without it).
+        tokenizer = load_tokenizer(base_model)
         self.pipes = {
             task: pipeline(
                 "text-classification",
                 model=model,
-                tokenizer=classifier.tokenizer,
+                tokenizer=tokenizer,
                 device=device,
                 truncation=True,
                 max_length=classifier.max_length,
@@ -188,6 +192,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         scored,
         base_history,
         config.scorer.max_batch,
+        config.model.base_model,
     )
     console.print("bench: naive per-message pipeline…")
     rows = baseline.run(len(items))

@@ -189,10 +189,13 @@ class BertEncoder(nn.Module):
         out: dict[str, torch.Tensor] = {}
         with safe_open(str(self.model_file), "pt") as f:
             keys = set(f.keys())
-            for name in names:
-                key = _file_key(name, keys)
-                if key is None:
-                    raise ModelLoadError(f"{self.model_file} has no tensor {name}")
+        for name in names:
+            key = _file_key(name, keys)
+            if key is None:
+                raise ModelLoadError(f"{self.model_file} has no tensor {name}")
+            # One mapping per tensor: the file's pages a read touches stay resident while it is mapped, so
+            # reading all under one mapping held the whole float32 file (90 MB) beside the converted weights.
+            with safe_open(str(self.model_file), "pt") as f:
                 out[name] = f.get_tensor(key).to(device=device, dtype=dtype)
         return out
 

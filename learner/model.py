@@ -28,13 +28,14 @@ from learner.adapters import ADAPTER_CONFIG_FILE, CARD_FILE, AdapterStore
 from learner.bert import BertEncoder, BertPooler
 from learner.config import ModelConfig
 from learner.domains import DEFAULT_DOMAIN
-from learner.encoder import base_model_path, load_classifier_base, load_tokenizer
+from learner.encoder import base_model_path, load_classifier_base
 from learner.errors import ModelLoadError
 from learner.language import Outcome, read
 from learner.tasks import Task, labels_of, spec_of, task_names
+from learner.tokenizer import ScoringTokenizer
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +364,7 @@ class Classifier:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerFast,
+        tokenizer: ScoringTokenizer,
         trunk: Trunk,
         models: dict[Task, TaskModel],
         max_length: int,
@@ -388,7 +389,8 @@ class Classifier:
         store = AdapterStore(config.adapters_dir)
         champions = store.champions()
         models = {task: TaskModel.load(store, task, champions[task], config, trunk) for task in task_names()}
-        classifier = cls(load_tokenizer(config.base_model), trunk, models, config.max_length)
+        tokenizer = ScoringTokenizer(base_model_path(config.base_model), config.max_length)
+        classifier = cls(tokenizer, trunk, models, config.max_length)
         for task in task_names():
             for domain, version in store.domain_champions(task).items():
                 if domain != DEFAULT_DOMAIN:
@@ -447,14 +449,7 @@ class Classifier:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Tokenize texts without padding (the ids `probabilities` takes)."""
-        encoded: list[list[int]] = self.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=False,
-        )["input_ids"]
-        return encoded
+        return self.tokenizer.encode(texts)
 
     def _snapshot(self) -> dict[Task, dict[str, TaskModel]]:
         with self._lock:

@@ -207,3 +207,18 @@ def test_shipped_versions_share_the_lower_layers(classifier: Classifier) -> None
     # Both tasks read the trunk's hidden states: the layers below the adapted ones run once per batch.
     assert classifier.shared_layers == 6 - TrainConfig().adapted_layers
     assert {model.start for model in classifier.models.values()} == {classifier.shared_layers}
+
+
+def test_the_scoring_tokenizer_gives_transformers_ids(classifier: Classifier) -> None:
+    from finpulse.replay import labelled_stream
+
+    texts = [li.item.text for li in labelled_stream(300)]
+    texts += ["", "   ", "中国股市今日大幅下跌", "🚀🚀 $TSLA to the moon!!! 🌕", "word " * 200]
+    texts += ["Café Müller ÇA VA naïve"]
+    reference = load_tokenizer()(texts, truncation=True, max_length=classifier.max_length, padding=False)
+    assert classifier.encode(texts) == reference["input_ids"]
+    assert max(len(ids) for ids in classifier.encode(texts)) == classifier.max_length
+    transformers_tokenizer = load_tokenizer()
+    assert classifier.tokenizer.pad_token_id == transformers_tokenizer.pad_token_id
+    assert classifier.tokenizer.unk_token_id == transformers_tokenizer.unk_token_id
+    assert sorted(classifier.tokenizer.all_special_ids) == sorted(transformers_tokenizer.all_special_ids)
