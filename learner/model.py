@@ -355,6 +355,17 @@ class TaskModel:
         return torch.softmax(logits / self.temperature, dim=-1).cpu()
 
 
+def padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return token ids padded on the right to the longest of `encoded`, and their attention mask."""
+    width = max((len(seq) for seq in encoded), default=0)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 class Classifier:
     """Score texts for sentiment and topic, each text with its domain's models; models swap between batches.
 
@@ -480,18 +491,12 @@ class Classifier:
             return out, versions
         # Sorting by length keeps similar lengths together, so padding (wasted compute) stays small.
         order = sorted(range(n), key=lambda i: len(encoded[i]))
-        pad_id = self.tokenizer.pad_token_id or 0
+        pad_id = self.tokenizer.pad_token_id
         stops = [model.start for by_domain in served.values() for model in by_domain.values()]
         pinned = self.device.type == "cuda"
         for begin in range(0, n, batch_size):
             chunk = order[begin : begin + batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                seq = encoded[i]
-                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, : len(seq)] = 1
+            ids, mask = padded([encoded[i] for i in chunk], pad_id)
             ids = (ids.pin_memory() if pinned else ids).to(self.device, non_blocking=True)
             mask = (mask.pin_memory() if pinned else mask).to(self.device, non_blocking=True)
             hidden, extended = self.trunk.hidden_states(ids, mask, stops)

@@ -15,8 +15,9 @@ import torch
 
 from learner.config import ModelConfig
 from learner.datasets import tfns_sentiment
-from learner.encoder import load_tokenizer
-from learner.model import Trunk
+from learner.encoder import base_model_path
+from learner.model import Trunk, padded
+from learner.tokenizer import ScoringTokenizer
 
 # Training texts sampled as the reference: nearest-neighbour distances settle well before the whole split
 # (9,543 texts), and 2,000 embed in a few seconds on two CPU cores.
@@ -31,8 +32,7 @@ class Novelty:
         """Take the reference: a seeded sample of the TFNS training split (what the shipped adapters learnt)
         and `extra_reference`, e.g. the texts analysts labelled since (what later versions learnt)."""
         self._trunk = Trunk(config, torch.device("cpu"))
-        self._tokenizer = load_tokenizer(config.base_model)
-        self._max_length = config.max_length
+        self._tokenizer = ScoringTokenizer(base_model_path(config.base_model), config.max_length)
         train = [e.text for e in tfns_sentiment("train")]
         sample = random.Random(seed).sample(train, min(REFERENCE_SIZE, len(train)))
         self.reference = self.embed([*sample, *extra_reference])
@@ -42,15 +42,8 @@ class Novelty:
         rows: list[torch.Tensor] = []
         depth = len(self._trunk.layers)
         for begin in range(0, len(texts), _BATCH):
-            batch = self._tokenizer(
-                list(texts[begin : begin + _BATCH]),
-                truncation=True,
-                max_length=self._max_length,
-                padding=True,
-                return_tensors="pt",
-            )
-            mask = batch["attention_mask"]
-            hidden, _ = self._trunk.hidden_states(batch["input_ids"], mask, [depth])
+            ids, mask = padded(self._tokenizer.encode(texts[begin : begin + _BATCH]), self._tokenizer.pad_token_id)
+            hidden, _ = self._trunk.hidden_states(ids, mask, [depth])
             last = hidden[depth].float()
             pooled = (last * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
             rows.append(torch.nn.functional.normalize(pooled, dim=-1))

@@ -27,7 +27,7 @@ class ScoringTokenizer:
         # The file ships with padding to 128 and truncation at 128; scoring pads per batch itself.
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length)
-        self.pad_token_id = self._id("[PAD]", 0)
+        self.pad_token_id: int = self._id("[PAD]", None) or 0
         self.unk_token_id = self._id("[UNK]", None)
         special = (t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special)
         self.all_special_ids = sorted(i for i in map(self._tokenizer.token_to_id, special) if i is not None)
