@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -265,7 +265,10 @@ def merged_top(
 
 
 class Trunk(nn.Module):
-    """The base encoder's embeddings and layers, shared by every task: each batch runs them once."""
+    """The base encoder's embeddings and layers, shared by every task: each batch runs them once (the torch
+    engine)."""
+
+    engine = "torch"
 
     def __init__(self, config: ModelConfig, device: torch.device) -> None:
         super().__init__()
@@ -295,6 +298,55 @@ class Trunk(nn.Module):
             if index < wanted[-1]:
                 hidden = self.layers[index](hidden, extended)
         return out, extended
+
+    def load_task(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> TaskModel:
+        """Load an adapter version as this engine's top."""
+        return TaskModel.load(store, task, version, config, self)
+
+
+class ServedModel(Protocol):
+    """What the classifier serves for one task in one domain, whichever engine computes it."""
+
+    task: Task
+    version: str
+    labels: tuple[str, ...]
+    start: int  # the first encoder layer it holds; the engine's trunk supplies its input
+    temperature: float
+
+    def probabilities(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+
+class Engine(Protocol):
+    """The seam between the classifier and what computes: the shared trunk, and the loader of task tops.
+
+    `Trunk` (torch: CPU or CUDA, bf16 where the hardware has it) and `learner.onnx_engine.OnnxTrunk` (ONNX Runtime
+    on the CPU, int8) are the two engines; `make_engine` picks one from the config.
+    """
+
+    engine: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: Sequence[int]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]: ...
+
+    def load_task(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> ServedModel: ...
+
+
+def make_engine(config: ModelConfig, device_spec: str = "auto") -> Engine:
+    """Return the engine `config.engine` names, on the device `device_spec` picks."""
+    if config.engine == "onnx":
+        from learner.onnx_engine import OnnxTrunk
+
+        if resolve_device(device_spec).type != "cpu":
+            raise ModelLoadError("model.engine = onnx runs on the CPU; set scorer.device = cpu or model.engine = torch")
+        if config.inference_dtype == "bfloat16":
+            raise ModelLoadError(
+                "model.engine = onnx computes in int8 or float32; set inference_dtype to auto or float32"
+            )
+        return OnnxTrunk(config, "float32" if config.inference_dtype == "float32" else "int8")
+    return Trunk(config, resolve_device(device_spec))
 
 
 class TaskModel:
@@ -376,8 +428,8 @@ class Classifier:
     def __init__(
         self,
         tokenizer: ScoringTokenizer,
-        trunk: Trunk,
-        models: dict[Task, TaskModel],
+        trunk: Engine,
+        models: dict[Task, ServedModel],
         max_length: int,
     ) -> None:
         missing = [task for task in task_names() if task not in models]
@@ -387,7 +439,9 @@ class Classifier:
         self.trunk = trunk
         self.max_length = max_length
         self.device = trunk.device
-        self._served: dict[Task, dict[str, TaskModel]] = {task: {DEFAULT_DOMAIN: models[task]} for task in task_names()}
+        self._served: dict[Task, dict[str, ServedModel]] = {
+            task: {DEFAULT_DOMAIN: models[task]} for task in task_names()
+        }
         self._unknown_id: int | None = getattr(tokenizer, "unk_token_id", None)
         self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         # Swaps happen on another thread (update listener); a batch must see one consistent set.
@@ -396,10 +450,10 @@ class Classifier:
     @classmethod
     def from_store(cls, config: ModelConfig, device_spec: str = "auto") -> Classifier:
         """Load the champion adapter of every task in every domain that has one."""
-        trunk = Trunk(config, resolve_device(device_spec))
+        trunk = make_engine(config, device_spec)
         store = AdapterStore(config.adapters_dir)
         champions = store.champions()
-        models = {task: TaskModel.load(store, task, champions[task], config, trunk) for task in task_names()}
+        models = {task: trunk.load_task(store, task, champions[task], config) for task in task_names()}
         tokenizer = ScoringTokenizer(base_model_path(config.base_model), config.max_length)
         classifier = cls(tokenizer, trunk, models, config.max_length)
         for task in task_names():
@@ -408,9 +462,9 @@ class Classifier:
                     classifier.swap(classifier.load(store, task, version, config), domain)
         return classifier
 
-    def load(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> TaskModel:
-        """Load a version of a task onto this classifier's trunk (not serving it yet: see `swap`)."""
-        return TaskModel.load(store, task, version, config, self.trunk)
+    def load(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> ServedModel:
+        """Load a version of a task onto this classifier's engine (not serving it yet: see `swap`)."""
+        return self.trunk.load_task(store, task, version, config)
 
     @property
     def versions(self) -> dict[str, str]:
@@ -430,7 +484,7 @@ class Classifier:
             return {domain: model.version for domain, model in self._served[task].items()}
 
     @property
-    def models(self) -> dict[Task, TaskModel]:
+    def models(self) -> dict[Task, ServedModel]:
         """Return the model serving each task in the default domain."""
         with self._lock:
             return {task: served[DEFAULT_DOMAIN] for task, served in self._served.items()}
@@ -441,7 +495,7 @@ class Classifier:
         with self._lock:
             return min(model.start for served in self._served.values() for model in served.values())
 
-    def swap(self, model: TaskModel, domain: str = DEFAULT_DOMAIN) -> str | None:
+    def swap(self, model: ServedModel, domain: str = DEFAULT_DOMAIN) -> str | None:
         """Serve `model` for its task in `domain` from the next batch on. Return the version it replaces there
         (None: the domain was served the default domain's)."""
         with self._lock:
@@ -462,7 +516,7 @@ class Classifier:
         """Tokenize texts without padding (the ids `probabilities` takes)."""
         return self.tokenizer.encode(texts)
 
-    def _snapshot(self) -> dict[Task, dict[str, TaskModel]]:
+    def _snapshot(self) -> dict[Task, dict[str, ServedModel]]:
         with self._lock:
             return {task: dict(served) for task, served in self._served.items()}
 
@@ -471,7 +525,7 @@ class Classifier:
         encoded: Sequence[Sequence[int]],
         batch_size: int = 64,
         domains: Sequence[str] | None = None,
-        served: dict[Task, dict[str, TaskModel]] | None = None,
+        served: dict[Task, dict[str, ServedModel]] | None = None,
     ) -> tuple[dict[Task, torch.Tensor], dict[Task, list[str]]]:
         """Return every task's class probabilities for tokenized texts in their order, and the version behind
         each row. Batches are length-sorted and padded only to their own longest text; the trunk runs once each.
@@ -501,7 +555,7 @@ class Classifier:
             mask = (mask.pin_memory() if pinned else mask).to(self.device, non_blocking=True)
             hidden, extended = self.trunk.hidden_states(ids, mask, stops)
             for task, models in chosen.items():
-                groups: dict[int, tuple[TaskModel, list[int]]] = {}
+                groups: dict[int, tuple[ServedModel, list[int]]] = {}
                 for row, i in enumerate(chunk):
                     groups.setdefault(id(models[i]), (models[i], []))[1].append(row)
                 for model, rows in groups.values():
@@ -550,7 +604,9 @@ class Classifier:
         ]
 
 
-def module_dtype(model: TaskModel) -> torch.dtype:
-    """Return the dtype a task model computes in."""
-    parameter: Any = next(model.classifier.parameters())
-    return parameter.dtype
+def module_dtype(model: ServedModel) -> str:
+    """Return what a task model computes in: `bfloat16`, `float32`, or `int8` (an int8 ONNX graph)."""
+    if isinstance(model, TaskModel):
+        parameter: Any = next(model.classifier.parameters())
+        return str(parameter.dtype).removeprefix("torch.")
+    return str(getattr(model, "precision", "float32"))

@@ -19,7 +19,7 @@ from kafka.structs import OffsetAndMetadata
 from learner.adapters import AdapterStore
 from learner.config import ModelConfig
 from learner.domains import DomainTable
-from learner.model import Classifier, Prediction, TaskModel
+from learner.model import Classifier, Prediction, ServedModel
 from learner.tasks import SENTIMENT, TOPIC, Task
 from monitor.metrics import ScorerMetrics
 from storage import History
@@ -172,7 +172,7 @@ class Scorer:
     def _model_swapper(self, bootstrap_servers: Target, model_config: ModelConfig) -> ModelSwapper:
         store = AdapterStore(model_config.adapters_dir)
 
-        def load(task: Task, version: str) -> TaskModel:
+        def load(task: Task, version: str) -> ServedModel:
             return self.classifier.load(store, task, version, model_config)
 
         # The listener is created before the swapper first reads the champions: no promotion falls in between.

@@ -33,7 +33,7 @@ from stream.errors import BrokerError, StreamError
 
 if TYPE_CHECKING:
     # Only for annotations: importing learner.model pulls in torch, which a publisher does not need.
-    from learner.model import Classifier, TaskModel
+    from learner.model import Classifier, ServedModel
 
 log = logging.getLogger(__name__)
 # The domain label of a failure to read a task's CHAMPION files: it concerns every domain of the task.
@@ -290,7 +290,7 @@ class ModelSwapper:
         self,
         classifier: Classifier,
         store: AdapterStore,
-        load: Callable[[Task, str], TaskModel],
+        load: Callable[[Task, str], ServedModel],
         listener: UpdateListener | None,
         metrics: SwapMetrics,
         check_s: float,
@@ -303,7 +303,7 @@ class ModelSwapper:
         self._load = load
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-model-load")
         # Each load remembers the files it started from: a failure is tied to those bytes, not to the name.
-        self._loading: dict[tuple[Task, str, str], tuple[Future[TaskModel], Fingerprint]] = {}
+        self._loading: dict[tuple[Task, str, str], tuple[Future[ServedModel], Fingerprint]] = {}
         self._champion: dict[tuple[Task, str], str] = {}  # the last champion read, per task and domain
         # A version that failed is tried again only once its files change: the same bytes would fail again at
         # every check and every update message (the one announcing it often arrives after the first check).

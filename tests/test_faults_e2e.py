@@ -37,8 +37,10 @@ OK_TIME = "2024-03-01T12:00:00Z"
 
 
 @pytest.fixture(scope="module")
-def classifier(adapters_dir: Path) -> Classifier:
-    return Classifier.from_store(ModelConfig(adapters_dir=adapters_dir), "cpu")
+def classifier(adapters_dir: Path, request: pytest.FixtureRequest) -> Classifier:
+    # The torch engine unless a test asks for each engine (indirect parametrisation: "torch", "onnx").
+    engine = getattr(request, "param", "torch")
+    return Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, engine=engine), "cpu")
 
 
 def _topics(bootstrap: str) -> TopicNames:
@@ -117,6 +119,7 @@ CASES: list[tuple[str, bytes, str | None]] = [
 ]
 
 
+@pytest.mark.parametrize("classifier", ["torch", "onnx"], indirect=True)
 def test_every_kind_that_once_crashed_a_scorer_ends_scored_or_dead_lettered(
     kafka_bootstrap: str, classifier: Classifier, tmp_path: Path
 ) -> None:

@@ -33,8 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def classifier(adapters_dir: Path) -> Classifier:
-    return Classifier.from_store(ModelConfig(adapters_dir=adapters_dir), "cpu")
+def classifier(adapters_dir: Path, request: pytest.FixtureRequest) -> Classifier:
+    # The torch engine unless a test asks for each engine (indirect parametrisation: "torch", "onnx").
+    engine = getattr(request, "param", "torch")
+    return Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, engine=engine), "cpu")
 
 
 @pytest.fixture
@@ -89,6 +91,7 @@ def committed_equals_end(bootstrap: str, topic: str, group: str) -> bool:
     return ok
 
 
+@pytest.mark.parametrize("classifier", ["torch", "onnx"], indirect=True)
 def test_real_messages_and_malformed_ones(
     kafka_bootstrap: str, topics: TopicNames, classifier: Classifier, tmp_path: Path
 ) -> None:
