@@ -217,6 +217,12 @@ def _plain_lora(adapter: dict[str, Any]) -> bool:
     )
 
 
+def lora_scaling(adapter: dict[str, Any]) -> float:
+    """Return the factor peft's merge applies to B·A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    rank, alpha = int(adapter["r"]), float(adapter["lora_alpha"])
+    return alpha / math.sqrt(rank) if adapter.get("use_rslora") else alpha / rank
+
+
 def merged_top(
     store: AdapterStore, task: Task, version: str, start: int, trunk: Trunk, config: ModelConfig
 ) -> dict[str, Any]:
@@ -241,8 +247,7 @@ def merged_top(
         with safe_open(str(weights_file), "pt") as f:
             saved = {key.removeprefix(_PEFT_PREFIX): f.get_tensor(key).float() for key in f.keys()}  # noqa: SIM118
         if {"bert.pooler.dense.weight", "classifier.weight"} <= saved.keys():
-            rank, alpha = int(adapter["r"]), float(adapter["lora_alpha"])
-            scaling = alpha / math.sqrt(rank) if adapter.get("use_rslora") else alpha / rank
+            scaling = lora_scaling(adapter)
             weights = trunk.encoder.base_tensors(layer_keys, torch.float32, torch.device("cpu"))
             for key in layer_keys:
                 module = "bert." + key.removesuffix(".weight")

@@ -25,11 +25,11 @@ from learner.bert import BertShape
 from learner.config import ModelConfig
 from learner.encoder import base_model_path
 from learner.errors import ModelLoadError
+from learner.model import _PEFT_PREFIX, _plain_lora, first_adapted_layer, lora_scaling, read_temperature
 from learner.tasks import Task, labels_of
 
 Precision = Literal["int8", "float32"]
 
-_PEFT_PREFIX = "base_model.model."
 # The additive mask on padded keys: large enough that softmax gives them nothing, finite so 0 x it stays 0.
 _MASKED = -1e9
 # Per encoder layer, as transformers names them (and the base file stores them under encoder.layer.<i>.).
@@ -340,8 +340,6 @@ def merged_lora_top(adapter_dir: Path, start: int, trunk: OnnxTrunk) -> dict[str
         adapter = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {adapter_dir / ADAPTER_CONFIG_FILE}: {e}") from e
-    from learner.model import _plain_lora
-
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not _plain_lora(adapter) or not weights_file.is_file():
         raise ModelLoadError(f"{adapter_dir} is not a plain LoRA adapter: the onnx engine cannot merge it; use torch")
@@ -350,8 +348,7 @@ def merged_lora_top(adapter_dir: Path, start: int, trunk: OnnxTrunk) -> dict[str
     head = ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"]
     if not set(head) <= saved.keys():
         raise ModelLoadError(f"{weights_file} lacks the pooler or classifier weights")
-    rank, alpha = int(adapter["r"]), float(adapter["lora_alpha"])
-    scaling = alpha / math.sqrt(rank) if adapter.get("use_rslora") else alpha / rank
+    scaling = lora_scaling(adapter)
     weights = trunk.base_layers(start, trunk.num_layers)
     for key in list(weights):
         module = "bert." + key.removesuffix(".weight")
@@ -380,8 +377,6 @@ class OnnxTaskModel:
     @classmethod
     def load(cls, store: AdapterStore, task: Task, version: str, trunk: OnnxTrunk) -> OnnxTaskModel:
         from onnx import TensorProto, helper
-
-        from learner.model import first_adapted_layer, read_temperature
 
         path = store.version_dir(task, version)
         start = first_adapted_layer(path, trunk.layer_names)
