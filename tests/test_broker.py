@@ -143,3 +143,11 @@ def test_requested_port_in_use_raises(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         with pytest.raises(BrokerError, match=f"port {port} on 127.0.0.1 is in use"):
             LocalBroker(tmp_path / "data").start(port=port, timeout_s=1)
+
+
+def test_kafka_client_checksums_in_c() -> None:
+    """kafka-python falls back to a pure-Python CRC-32C without the crc32c package: a slow, silent install gap."""
+    from kafka.record import util
+
+    assert util.crc32c_c is not None
+    assert util.calc_crc32c(memoryview(b"123456789")) == 0xE3069283  # the CRC-32C check value
