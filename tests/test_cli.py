@@ -178,6 +178,7 @@ def test_bench_score_reports_both_contenders(
     assert result["rows"] == {"baseline": 24, "finpulse": 24}
     assert result["device"] == "cpu" and result["baseline_per_s"] > 0 and result["finpulse_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["finpulse_per_s"] / result["baseline_per_s"], rel=0.02)
+    assert result["batches"] >= 1 and result["model_ceiling_per_s"] > 0
 
 
 def test_subscription_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
