@@ -29,8 +29,9 @@ from finpulse.replay import ReplayProducer, labelled_stream, news_messages
 from finpulse.runtime import connect
 from learner.adapters import AdapterStore
 from learner.encoder import load_tokenizer
-from learner.model import Answer, Classifier, Prediction, load_merged, module_dtype, set_compute_threads
+from learner.model import Answer, Classifier, Prediction, compute_threads, module_dtype, set_compute_threads
 from learner.tasks import SENTIMENT, labels_of
+from learner.torch_engine import load_merged
 from monitor.metrics import ScorerMetrics
 from storage import History, StorageConfig
 from stream.admin import delete_topics, ensure_topics
@@ -232,11 +233,11 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         "baseline_s": round(base.seconds, 2),
         "finpulse_s": round(fp.seconds, 2),
         "rows": {"baseline": base.rows, "finpulse": fp.rows},
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device if device == "cpu" else torch.cuda.get_device_name(device),
         "engine": config.model.engine,
         "dtype": module_dtype(classifier.models[SENTIMENT.name]),
         "baseline_dtype": "float32",
-        "threads": torch.get_num_threads(),
+        "threads": compute_threads(),
         "inference_batch": scorer_batch,
         # With a backlog the scorer takes max_batch records at a time: the last batch's sinks overlap nothing, so a
         # run of few batches reads lower against the ceiling than a long stream would.

@@ -563,9 +563,16 @@ def cmd_score(args: argparse.Namespace, config: AppConfig, console: Console) -> 
             server.close()
     console.print(
         f"consumed {stats.consumed}: scored {stats.scored}, dead-lettered {stats.dead_lettered}, "
-        f"duplicates {stats.duplicates}"
+        f"duplicates {stats.duplicates}; peak RSS {_peak_rss_mb():.0f} MB"
     )
     return 0
+
+
+def _peak_rss_mb() -> float:
+    """Return this process's peak resident memory in MB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cmd_query(args: argparse.Namespace, config: AppConfig, console: Console) -> int:

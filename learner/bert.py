@@ -10,52 +10,23 @@ both forward passes agree.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional
 
+from learner.bert_shape import BertShape
 from learner.errors import ModelLoadError
 
+# One torch function per activation `learner.bert_shape` accepts.
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": functional.gelu,
     "gelu_new": lambda x: functional.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: functional.gelu(x, approximate="tanh"),
     "relu": functional.relu,
 }
-
-
-@dataclass(frozen=True)
-class BertShape:
-    """The sizes of a BERT encoder, from its config.json."""
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    type_vocab_size: int
-    layer_norm_eps: float
-    hidden_act: str
-
-    @classmethod
-    def read(cls, model_dir: Path) -> BertShape:
-        """Read config.json of a BERT model directory; refuse what this module cannot run."""
-        try:
-            raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-            shape = cls(**{name: raw[name] for name in cls.__dataclass_fields__})
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelLoadError(f"cannot read a BERT config from {model_dir / 'config.json'}: {e}") from e
-        if raw.get("model_type") != "bert" or raw.get("position_embedding_type", "absolute") != "absolute":
-            raise ModelLoadError(f"{model_dir} is not a BERT encoder with absolute positions")
-        if shape.hidden_act not in _ACTIVATIONS:
-            raise ModelLoadError(f"{model_dir}: activation {shape.hidden_act!r} is not supported")
-        return shape
 
 
 class _Embeddings(nn.Module):

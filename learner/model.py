@@ -1,11 +1,14 @@
 """The scoring model: one pass of the shared lower layers, then each task's adapted top layers and head.
 
 Adapters carry LoRA weights only in the top layers of the encoder (`shared_layers` below them stay the base
-model's), so every task reads the same lower-layer hidden states: the `Trunk` runs the embeddings and those
-layers once per batch, and each `TaskModel` holds only its own merged top layers, pooler and head. On this
+model's), so every task reads the same lower-layer hidden states: the engine's trunk runs the embeddings and
+those layers once per batch, and each task model holds only its own merged top layers, pooler and head. On this
 2-core CPU the two tasks then cost 4 + 2 + 2 layer passes where two whole encoders cost 12. An adapter with
 LoRA in lower layers too (the first shipped versions) still serves correctly: it starts at its first adapted
 layer and runs the base layers between the trunk's stop and there itself.
+
+This module imports no torch: the classifier speaks numpy to its engine, so a scorer on the onnx engine runs
+without torch installed (`learner.torch_engine` is imported only when the torch engine is chosen).
 """
 
 from __future__ import annotations
@@ -15,27 +18,23 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-import torch
-from torch import nn
+import numpy as np
 
 from learner.adapters import ADAPTER_CONFIG_FILE, CARD_FILE, AdapterStore
-from learner.bert import BertEncoder, BertPooler
 from learner.config import ModelConfig
 from learner.domains import DEFAULT_DOMAIN
-from learner.encoder import base_model_path, load_classifier_base
+from learner.encoder import base_model_path
 from learner.errors import ModelLoadError
 from learner.language import Outcome, read
-from learner.tasks import Task, labels_of, spec_of, task_names
+from learner.tasks import Task, spec_of, task_names
 from learner.tokenizer import ScoringTokenizer
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +96,6 @@ class Prediction:
         return cls(**fields, language=language, outcome=outcome)
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """Turn a device setting into a torch device; `auto` picks CUDA when present."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"scorer.device is {spec!r} but no CUDA device is available; use auto or cpu")
-    return torch.device(spec)
-
-
 def cpu_has_bf16() -> bool:
     """Return True when the CPU has native bf16 matrix instructions (AMX or AVX512-BF16)."""
     try:
@@ -115,35 +105,38 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def inference_dtype(device: torch.device, setting: str = "auto") -> torch.dtype:
-    """Return the weight dtype for inference.
+# The compute threads `set_compute_threads` chose for this process; engines read it when they start.
+_threads: dict[str, int] = {}
 
-    bf16 halves memory traffic and uses tensor cores on CUDA and AMX units on recent Xeons; on CPUs
-    without bf16 instructions it is emulated and slower than float32.
-    """
-    if setting == "float32":
-        return torch.float32
-    if setting == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def set_compute_threads(setting: int = 0) -> int:
-    """Set torch's compute threads: `setting`, or with 0 the cores this process may run on. Return the count."""
-    if setting <= 0:
-        try:
-            setting = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            setting = os.cpu_count() or 1
-    torch.set_num_threads(setting)
-    return setting
+    """Set the engines' compute threads: `setting`, or with 0 the cores this process may run on. Return the count.
+
+    torch takes them now if it is loaded, else when the torch engine starts; the onnx engine when it starts.
+    """
+    count = setting if setting > 0 else _cores()
+    _threads["compute"] = count
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(count)
+    return count
 
 
-def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Return BERT's additive attention mask: 0 where attended, a large negative number on padding."""
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+def configured_threads() -> int | None:
+    """Return the compute threads `set_compute_threads` set, or None when it was not called."""
+    return _threads.get("compute")
+
+
+def compute_threads() -> int:
+    """Return the compute threads engines use: those set, else the cores this process may run on."""
+    return _threads.get("compute") or _cores()
 
 
 def first_adapted_layer(adapter_dir: Path, layer_names: Sequence[Sequence[str]]) -> int:
@@ -171,12 +164,6 @@ def first_adapted_layer(adapter_dir: Path, layer_names: Sequence[Sequence[str]])
     return len(layer_names)
 
 
-def _shift_layer(key: str, start: int) -> str:
-    """Renumber `encoder.layer.<i>.…` to `encoder.layer.<i - start>.…` (a top holds the layers from `start`)."""
-    found = re.match(r"encoder\.layer\.(\d+)\.(.*)", key)
-    return f"encoder.layer.{int(found.group(1)) - start}.{found.group(2)}" if found else key
-
-
 def read_temperature(adapter_dir: Path) -> float:
     """Return the calibration temperature recorded in a version's model card (1.0 when it has none)."""
     try:
@@ -185,21 +172,6 @@ def read_temperature(adapter_dir: Path) -> float:
         return 1.0
     value = (card.get("metrics") or {}).get("calibration", {}).get("temperature", 1.0)
     return float(value) if isinstance(value, int | float) and value > 0 else 1.0
-
-
-def load_merged(store: AdapterStore, task: Task, version: str, config: ModelConfig) -> PreTrainedModel:
-    """Load an adapter version in peft format onto a fresh base and merge it (float32, on the CPU)."""
-    from peft import PeftModel
-
-    path = store.version_dir(task, version)
-    base = load_classifier_base(len(labels_of(task)), config.base_model)
-    try:
-        peft_model = PeftModel.from_pretrained(base, str(path))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load adapter {version} from {path}: {e}") from e
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    return merged
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -223,92 +195,6 @@ def lora_scaling(adapter: dict[str, Any]) -> float:
     return alpha / math.sqrt(rank) if adapter.get("use_rslora") else alpha / rank
 
 
-def merged_top(
-    store: AdapterStore, task: Task, version: str, start: int, trunk: Trunk, config: ModelConfig
-) -> dict[str, Any]:
-    """Return the float32 weights of a version's top: encoder layers from `start`, pooler and head.
-
-    Keys: `encoder.layer.<i>.…`, `pooler.dense.…`, `classifier.…`. A plain LoRA adapter is merged here onto the
-    base file's weights of those layers (W + B·A·alpha/r, as peft's merge does), without building a whole base
-    model or importing peft; any other adapter kind takes peft's own merge.
-    """
-    from safetensors import safe_open
-
-    path = store.version_dir(task, version)
-    try:
-        adapter = json.loads((path / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path / ADAPTER_CONFIG_FILE}: {e}") from e
-    weights_file = path / "adapter_model.safetensors"
-    layer_keys = [
-        f"encoder.layer.{i}.{name}" for i in range(start, len(trunk.layers)) for name in trunk.layers[i].state_dict()
-    ]
-    if _plain_lora(adapter) and weights_file.is_file():
-        with safe_open(str(weights_file), "pt") as f:
-            saved = {key.removeprefix(_PEFT_PREFIX): f.get_tensor(key).float() for key in f.keys()}  # noqa: SIM118
-        if {"bert.pooler.dense.weight", "classifier.weight"} <= saved.keys():
-            scaling = lora_scaling(adapter)
-            weights = trunk.encoder.base_tensors(layer_keys, torch.float32, torch.device("cpu"))
-            for key in layer_keys:
-                module = "bert." + key.removesuffix(".weight")
-                if key.endswith(".weight") and f"{module}.lora_A.weight" in saved:
-                    lora = saved[f"{module}.lora_B.weight"] @ saved[f"{module}.lora_A.weight"]
-                    weights[key] = weights[key] + lora * scaling
-            return {
-                **weights,
-                "pooler.dense.weight": saved["bert.pooler.dense.weight"],
-                "pooler.dense.bias": saved["bert.pooler.dense.bias"],
-                "classifier.weight": saved["classifier.weight"],
-                "classifier.bias": saved["classifier.bias"],
-            }
-    merged = load_merged(store, task, version, config)
-    state = {k.removeprefix("bert."): v.float() for k, v in merged.state_dict().items()}
-    return {k: state[k] for k in [*layer_keys, "pooler.dense.weight", "pooler.dense.bias"]} | {
-        "classifier.weight": state["classifier.weight"],
-        "classifier.bias": state["classifier.bias"],
-    }
-
-
-class Trunk(nn.Module):
-    """The base encoder's embeddings and layers, shared by every task: each batch runs them once (the torch
-    engine)."""
-
-    engine = "torch"
-
-    def __init__(self, config: ModelConfig, device: torch.device) -> None:
-        super().__init__()
-        self.device = device
-        self.dtype = inference_dtype(device, config.inference_dtype)
-        self.encoder = BertEncoder(base_model_path(config.base_model), self.dtype, device)
-        self.embeddings = self.encoder.embeddings
-        self.layers = self.encoder.layer
-        # As peft names them, for matching an adapter's target_modules.
-        self.layer_names = [
-            [f"bert.encoder.layer.{i}.{name}" for name, _ in layer.named_modules() if name]
-            for i, layer in enumerate(self.layers)
-        ]
-
-    @torch.inference_mode()
-    def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: Sequence[int]
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Run the base layers up to the highest of `stops`; return the hidden states at each stop and the mask."""
-        extended = extended_mask(attention_mask, self.dtype)
-        hidden = self.embeddings(input_ids)
-        wanted = sorted(set(stops))
-        out: dict[int, torch.Tensor] = {}
-        for index in range(wanted[-1] + 1):
-            if index in wanted:
-                out[index] = hidden
-            if index < wanted[-1]:
-                hidden = self.layers[index](hidden, extended)
-        return out, extended
-
-    def load_task(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> TaskModel:
-        """Load an adapter version as this engine's top."""
-        return TaskModel.load(store, task, version, config, self)
-
-
 class ServedModel(Protocol):
     """What the classifier serves for one task in one domain, whichever engine computes it."""
 
@@ -318,25 +204,37 @@ class ServedModel(Protocol):
     start: int  # the first encoder layer it holds; the engine's trunk supplies its input
     temperature: float
 
-    def probabilities(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+    def probabilities(self, hidden: Any, mask: Any) -> np.ndarray:
+        """Return calibrated class probabilities (float32 numpy, on the CPU) from the engine's states at `start`."""
+        ...
 
 
 class Engine(Protocol):
     """The seam between the classifier and what computes: the shared trunk, and the loader of task tops.
 
-    `Trunk` (torch: CPU or CUDA, bf16 where the hardware has it) and `learner.onnx_engine.OnnxTrunk` (ONNX Runtime
-    on the CPU, int8) are the two engines; `make_engine` picks one from the config.
+    `learner.torch_engine.Trunk` (torch: CPU or CUDA, bf16 where the hardware has it) and
+    `learner.onnx_engine.OnnxTrunk` (ONNX Runtime on the CPU, int8, no torch) are the two engines; `make_engine`
+    picks one from the config. The classifier hands them numpy token ids; the hidden states and masks they return
+    are theirs (torch tensors on the device, numpy arrays) and only go back to their own task models.
     """
 
     engine: str
-    device: torch.device
-    dtype: torch.dtype
+    device: str  # cpu, cuda, cuda:1
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: Sequence[int]
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]: ...
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, stops: Sequence[int]
+    ) -> tuple[dict[int, Any], Any]:
+        """Run the base layers up to the highest of `stops`; return the hidden states at each stop and the mask
+        its task models take."""
+        ...
 
-    def load_task(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> ServedModel: ...
+    def select(self, states: Any, rows: Sequence[int]) -> Any:
+        """Return these rows of a batch's hidden states or mask (for the texts one domain's model scores)."""
+        ...
+
+    def load_task(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> ServedModel:
+        """Load an adapter version as this engine's top."""
+        ...
 
 
 def make_engine(config: ModelConfig, device_spec: str = "auto") -> Engine:
@@ -344,81 +242,25 @@ def make_engine(config: ModelConfig, device_spec: str = "auto") -> Engine:
     if config.engine == "onnx":
         from learner.onnx_engine import OnnxTrunk
 
-        if resolve_device(device_spec).type != "cpu":
+        if device_spec not in ("auto", "cpu"):
             raise ModelLoadError("model.engine = onnx runs on the CPU; set scorer.device = cpu or model.engine = torch")
         if config.inference_dtype == "bfloat16":
             raise ModelLoadError(
                 "model.engine = onnx computes in int8 or float32; set inference_dtype to auto or float32"
             )
         return OnnxTrunk(config, "float32" if config.inference_dtype == "float32" else "int8")
+    from learner.torch_engine import Trunk, resolve_device
+
     return Trunk(config, resolve_device(device_spec))
 
 
-class TaskModel:
-    """One immutable adapter version of one task: its merged top layers, pooler and head, and its temperature."""
-
-    def __init__(
-        self,
-        task: Task,
-        version: str,
-        start: int,
-        layers: nn.ModuleList,
-        pooler: nn.Module,
-        classifier: nn.Module,
-        device: torch.device,
-        temperature: float = 1.0,
-    ) -> None:
-        self.task = task
-        self.version = version
-        self.labels = labels_of(task)
-        self.start = start  # the first encoder layer this version holds; the trunk supplies its input
-        self.layers = layers
-        self.pooler = pooler
-        self.classifier = classifier
-        self.device = device
-        self.temperature = temperature
-
-    @classmethod
-    def load(cls, store: AdapterStore, task: Task, version: str, config: ModelConfig, trunk: Trunk) -> TaskModel:
-        """Load an adapter version, merge it, and keep only what differs from the base (the adapted layers on)."""
-        path = store.version_dir(task, version)
-        start = first_adapted_layer(path, trunk.layer_names)
-        weights = merged_top(store, task, version, start, trunk, config)
-        layers = nn.ModuleList(trunk.encoder.new_layer() for _ in range(start, len(trunk.layers)))
-        width = trunk.encoder.shape.hidden_size
-        with torch.device("meta"):
-            pooler = BertPooler(width)
-            head = nn.Linear(width, weights["classifier.weight"].shape[0])
-        parts = nn.ModuleDict({"encoder": nn.ModuleDict({"layer": layers}), "pooler": pooler, "classifier": head})
-        # Layer i of the encoder is entry i - start here.
-        renamed = {_shift_layer(k, start): v.to(trunk.device, trunk.dtype) for k, v in weights.items()}
-        parts.load_state_dict(renamed, assign=True)
-        parts.requires_grad_(False)
-        parts.eval()
-        return cls(task, version, start, layers, pooler, head, trunk.device, read_temperature(path))
-
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
-        """Return the logits of a batch from the hidden states at layer `start`."""
-        last = len(self.layers) - 1
-        for index, layer in enumerate(self.layers):
-            # The pooler reads the [CLS] state only: the top layer computes nothing else.
-            hidden = layer(hidden, extended, first_only=index == last)
-        return self.classifier(self.pooler(hidden))
-
-    def probabilities(self, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
-        """Return calibrated class probabilities (float32, on the CPU)."""
-        logits = self.logits(hidden, extended).float()
-        return torch.softmax(logits / self.temperature, dim=-1).cpu()
-
-
-def padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return token ids padded on the right to the longest of `encoded`, and their attention mask."""
+def padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return token ids padded on the right to the longest of `encoded`, and their attention mask (int64)."""
     width = max((len(seq) for seq in encoded), default=0)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encoded), width), dtype=np.int64)
     for row, seq in enumerate(encoded):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
     return ids, mask
 
@@ -531,7 +373,7 @@ class Classifier:
         batch_size: int = 64,
         domains: Sequence[str] | None = None,
         served: dict[Task, dict[str, ServedModel]] | None = None,
-    ) -> tuple[dict[Task, torch.Tensor], dict[Task, list[str]]]:
+    ) -> tuple[dict[Task, np.ndarray], dict[Task, list[str]]]:
         """Return every task's class probabilities for tokenized texts in their order, and the version behind
         each row. Batches are length-sorted and padded only to their own longest text; the trunk runs once each.
         """
@@ -544,7 +386,9 @@ class Classifier:
         chosen = {
             task: [by_domain.get(d, by_domain[DEFAULT_DOMAIN]) for d in domains] for task, by_domain in served.items()
         }
-        out = {task: torch.empty(n, len(by_domain[DEFAULT_DOMAIN].labels)) for task, by_domain in served.items()}
+        out = {
+            task: np.empty((n, len(by_domain[DEFAULT_DOMAIN].labels)), np.float32) for task, by_domain in served.items()
+        }
         versions = {task: [model.version for model in models] for task, models in chosen.items()}
         if n == 0:
             return out, versions
@@ -552,12 +396,9 @@ class Classifier:
         order = sorted(range(n), key=lambda i: len(encoded[i]))
         pad_id = self.tokenizer.pad_token_id
         stops = [model.start for by_domain in served.values() for model in by_domain.values()]
-        pinned = self.device.type == "cuda"
         for begin in range(0, n, batch_size):
             chunk = order[begin : begin + batch_size]
             ids, mask = padded([encoded[i] for i in chunk], pad_id)
-            ids = (ids.pin_memory() if pinned else ids).to(self.device, non_blocking=True)
-            mask = (mask.pin_memory() if pinned else mask).to(self.device, non_blocking=True)
             hidden, extended = self.trunk.hidden_states(ids, mask, stops)
             for task, models in chosen.items():
                 groups: dict[int, tuple[ServedModel, list[int]]] = {}
@@ -567,9 +408,10 @@ class Classifier:
                     if len(rows) == len(chunk):  # the usual case: one model for the whole chunk, no gather
                         probs = model.probabilities(hidden[model.start], extended)
                     else:
-                        picked = torch.tensor(rows, device=self.device)
-                        probs = model.probabilities(hidden[model.start][picked], extended[picked])
-                    out[task][torch.tensor([chunk[r] for r in rows])] = probs
+                        probs = model.probabilities(
+                            self.trunk.select(hidden[model.start], rows), self.trunk.select(extended, rows)
+                        )
+                    out[task][[chunk[r] for r in rows]] = probs
         return out, versions
 
     def predict(
@@ -587,17 +429,16 @@ class Classifier:
         # The labels are the model's argmax; what it says of text it cannot read is noise (Chinese scores
         # `neutral` at 0.96), so those rows carry the uniform distribution instead, flagged by their outcome: no
         # reader takes them for an answer and the sentiment metrics leave them out.
-        chosen = {task: p.argmax(dim=-1) for task, p in probs.items()}
+        chosen = {task: p.argmax(axis=-1) for task, p in probs.items()}
         unread = [i for i, r in enumerate(readings) if r.outcome != "scored"]
         if unread:
-            index = torch.tensor(unread)
             for task in probs:
-                probs[task][index] = 1.0 / probs[task].shape[1]
+                probs[task][unread] = 1.0 / probs[task].shape[1]
         answers: dict[Task, list[Answer]] = {}
         for task, p in probs.items():
             labels, keep = served[task][DEFAULT_DOMAIN].labels, spec_of(task).probability_columns
             idx = chosen[task].tolist()
-            confidence = p.gather(1, chosen[task][:, None]).squeeze(1).tolist()
+            confidence = np.take_along_axis(p, chosen[task][:, None], axis=1)[:, 0].tolist()
             rows = p.tolist() if keep else [None] * len(idx)
             answers[task] = [
                 Answer(labels[k], c, v, dict(zip(labels, row, strict=True)) if row is not None else None)
@@ -611,7 +452,4 @@ class Classifier:
 
 def module_dtype(model: ServedModel) -> str:
     """Return what a task model computes in: `bfloat16`, `float32`, or `int8` (an int8 ONNX graph)."""
-    if isinstance(model, TaskModel):
-        parameter: Any = next(model.classifier.parameters())
-        return str(parameter.dtype).removeprefix("torch.")
     return str(getattr(model, "precision", "float32"))

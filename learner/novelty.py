@@ -16,8 +16,9 @@ import torch
 from learner.config import ModelConfig
 from learner.datasets import tfns_sentiment
 from learner.encoder import base_model_path
-from learner.model import Trunk, padded
+from learner.model import padded
 from learner.tokenizer import ScoringTokenizer
+from learner.torch_engine import Trunk
 
 # Training texts sampled as the reference: nearest-neighbour distances settle well before the whole split
 # (9,543 texts), and 2,000 embed in a few seconds on two CPU cores.
@@ -42,8 +43,9 @@ class Novelty:
         rows: list[torch.Tensor] = []
         depth = len(self._trunk.layers)
         for begin in range(0, len(texts), _BATCH):
-            ids, mask = padded(self._tokenizer.encode(texts[begin : begin + _BATCH]), self._tokenizer.pad_token_id)
-            hidden, _ = self._trunk.hidden_states(ids, mask, [depth])
+            ids, padding = padded(self._tokenizer.encode(texts[begin : begin + _BATCH]), self._tokenizer.pad_token_id)
+            hidden, _ = self._trunk.hidden_states(ids, padding, [depth])
+            mask = torch.from_numpy(padding)
             last = hidden[depth].float()
             pooled = (last * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
             rows.append(torch.nn.functional.normalize(pooled, dim=-1))

@@ -155,7 +155,7 @@ class Scorer:
         # The throughput series the sentiment-spike rules read are topic x sentiment (monitor.rules).
         metrics.declare(models[TOPIC.name].labels, models[SENTIMENT.name].labels, config.watchlist)
         metrics.declare_stages([sink.name for sink in self.sinks] + ["dedupe", "model", "dlq", "commit"])
-        self.inference_batch = config.inference_batch or (512 if classifier.device.type == "cuda" else 32)
+        self.inference_batch = config.inference_batch or (512 if str(classifier.device).startswith("cuda") else 32)
         self.lag = LagMonitor(
             bootstrap_servers, config.group_id, self.consumer.assignment, metrics, config.lag_interval_s
         )

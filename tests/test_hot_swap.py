@@ -24,7 +24,8 @@ from learner.config import ModelConfig
 from learner.datasets import stock_tweets
 from learner.errors import ModelLoadError
 from learner.labels import TASKS, Task
-from learner.model import Classifier, TaskModel
+from learner.model import Classifier
+from learner.torch_engine import TaskModel
 from monitor.metrics import ScorerMetrics
 from storage import History, StorageConfig
 from stream.admin import ensure_topics

@@ -18,7 +18,7 @@ from learner.continual import load_tensors
 from learner.datasets import tfns_topic
 from learner.experience import bootstrap_slices, split_holdout
 from learner.labels import TOPICS
-from learner.model import TaskModel, Trunk, resolve_device
+from learner.torch_engine import TaskModel, Trunk, resolve_device
 from learner.trainer import EWC_FILE, REPLAY_FILE, ExperienceSlices, read_memory, train_candidate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
