@@ -234,7 +234,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         "finpulse_s": round(fp.seconds, 2),
         "rows": {"baseline": base.rows, "finpulse": fp.rows},
         "device": device if device == "cpu" else torch.cuda.get_device_name(device),
-        "engine": config.model.engine,
+        "engine": classifier.trunk.engine,
         "dtype": module_dtype(classifier.models[SENTIMENT.name]),
         "baseline_dtype": "float32",
         "threads": compute_threads(),

@@ -237,9 +237,24 @@ class Engine(Protocol):
         ...
 
 
+def engine_name(config: ModelConfig, device_spec: str = "auto") -> str:
+    """Return the engine `config.engine` resolves to on the device `device_spec` names."""
+    if config.engine != "auto":
+        return config.engine
+    if config.inference_dtype == "bfloat16" or device_spec not in ("auto", "cpu"):
+        return "torch"
+    # Whether a GPU is there, without importing torch (the onnx scorer runs where torch is not installed): the
+    # driver's device node. A node torch cannot use still gets torch, which then falls back to the CPU.
+    if device_spec == "auto" and Path("/dev/nvidiactl").exists():
+        return "torch"
+    from learner.onnx_engine import onnx_available
+
+    return "onnx" if onnx_available() else "torch"
+
+
 def make_engine(config: ModelConfig, device_spec: str = "auto") -> Engine:
-    """Return the engine `config.engine` names, on the device `device_spec` picks."""
-    if config.engine == "onnx":
+    """Return the engine `config.engine` names (see `engine_name`), on the device `device_spec` picks."""
+    if engine_name(config, device_spec) == "onnx":
         from learner.onnx_engine import OnnxTrunk
 
         if device_spec not in ("auto", "cpu"):
