@@ -38,10 +38,8 @@ from learner.tasks import Task, labels_of
 Precision = Literal["int8", "float32"]
 
 # Activations are symmetric around this uint8 zero point (uint8 x int8 is the product ONNX Runtime's x86 kernels
-# run fastest: int8 x int8 measured 35-48 vs 143-155 msg/s). ONNX TensorProto element types, for Cast.
+# run fastest: int8 x int8 measured 35-48 vs 143-155 msg/s).
 _ZERO_POINT = 128
-TENSOR_FLOAT = 1
-TENSOR_UINT8 = 2
 
 # The additive mask on padded keys: large enough that softmax gives them nothing, finite so 0 x it stays 0.
 _MASKED = -1e9
@@ -104,10 +102,12 @@ class _Graph:
         # torch stores out x in; MatMul wants in x out.
         matrix = weight.T.astype(np.float32)
         if self.precision == "int8":
+            from onnx import TensorProto
+
             # Weights: symmetric int8 per output column. Activations: uint8 per row (one token's vector), with
             # its own scale, so that a text's score never depends on the texts batched with it (a per-batch scale,
             # ONNX Runtime's fused DynamicQuantizeMatMul, moved one probability by up to 0.24 between batches;
-            # per row costs ~10% of its speed here). Written node by node: quantising a built graph with
+            # per row costs 10-20% of its speed here). Written node by node: quantising a built graph with
             # ONNX Runtime's Python tool costs seconds of GIL per hot swap, which stalled the scoring thread.
             scale = np.maximum(np.abs(matrix).max(axis=0), 1e-8) / 127.0
             quantised = np.clip(np.rint(matrix / scale), -127, 127).astype(np.int8)
@@ -118,7 +118,7 @@ class _Graph:
             # int32 sums x row scale x column scale + bias, back to batch x length x out.
             dequantised = self.op(
                 "Mul",
-                self.op("Mul", self.op("Cast", product, to=TENSOR_FLOAT), row_scale),
+                self.op("Mul", self.op("Cast", product, to=TensorProto.FLOAT), row_scale),
                 self.const(scale.astype(np.float32), "ws"),
             )
             flat = self.op("Add", dequantised, self.const(bias.astype(np.float32), "b"))
@@ -138,16 +138,8 @@ class _Graph:
                 self.op("Max", absmax, self.const(np.array(1e-8, np.float32))),
                 self.const(np.array(127.0, np.float32)),
             )
-            # QuantizeLinear per axis 0 wants one zero point per row: 128 each, shaped from the scales.
-            zero = self.op(
-                "Cast",
-                self.op(
-                    "Add",
-                    self.op("Mul", scale, self.const(np.array(0.0, np.float32))),
-                    self.const(np.array(float(_ZERO_POINT), np.float32)),
-                ),
-                to=TENSOR_UINT8,
-            )
+            # QuantizeLinear per axis 0 wants one zero point per row: 128 each, as many as there are scales.
+            zero = self.op("Expand", self.const(np.array(_ZERO_POINT, np.uint8), "xz"), self.op("Shape", scale))
             quantised = self.op("QuantizeLinear", rows, scale, zero, axis=0)
             column = self.op("Unsqueeze", scale, self.const(np.array([1], np.int64)))
             self._quantised[x] = (quantised, column, self.op("Shape", x, end=-1))

@@ -234,6 +234,11 @@ def onnx_float32(adapters_dir: Path) -> Classifier:
     return Classifier.from_store(config, "cpu")
 
 
+@pytest.fixture(scope="module")
+def int8(adapters_dir: Path) -> Classifier:
+    return Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, engine="onnx"), "cpu")
+
+
 def test_onnx_engine_computes_what_the_torch_engine_does(classifier: Classifier, onnx_float32: Classifier) -> None:
     # The same weights in float32 on both engines: the graphs built node by node must be the same function.
     texts = [*TEXTS, *(e.text for e in tfns_sentiment("valid")[:59])]
@@ -245,8 +250,7 @@ def test_onnx_engine_computes_what_the_torch_engine_does(classifier: Classifier,
     assert onnx_float32.trunk.engine == "onnx" and module_dtype(onnx_float32.models["sentiment"]) == "float32"
 
 
-def test_onnx_int8_keeps_the_accuracy_of_torch(classifier: Classifier, adapters_dir: Path) -> None:
-    int8 = Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, engine="onnx"), "cpu")
+def test_onnx_int8_keeps_the_accuracy_of_torch(classifier: Classifier, int8: Classifier) -> None:
     assert module_dtype(int8.models["topic"]) == "int8"
     examples = tfns_sentiment("valid")[:400]
     texts = [e.text for e in examples]
@@ -258,10 +262,9 @@ def test_onnx_int8_keeps_the_accuracy_of_torch(classifier: Classifier, adapters_
     assert abs(accuracy(int8) - accuracy(classifier)) <= 0.015
 
 
-def test_onnx_int8_scores_a_text_the_same_whatever_its_batch(adapters_dir: Path) -> None:
+def test_onnx_int8_scores_a_text_the_same_whatever_its_batch(int8: Classifier) -> None:
     # Activations are quantised per row: a text's probabilities must not move with the texts batched beside it
     # (a per-batch scale moved one by 0.24 between these two calls).
-    int8 = Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, engine="onnx"), "cpu")
     examples = [e.text for e in tfns_sentiment("valid")[:64]]
     together, _ = int8.probabilities(int8.encode(examples), batch_size=64)
     alone, _ = int8.probabilities(int8.encode(examples[:8]), batch_size=8)
@@ -346,7 +349,7 @@ print(json.dumps({"threads": classifier.trunk.threads, "torch": "torch" in sys.m
 """
 
 
-def test_onnx_scorer_runs_without_torch(adapters_dir: Path) -> None:
+def test_onnx_scorer_runs_without_torch(adapters_dir: Path, int8: Classifier) -> None:
     import subprocess
     import sys
 
@@ -361,7 +364,6 @@ def test_onnx_scorer_runs_without_torch(adapters_dir: Path) -> None:
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["torch"] is False and got["threads"] == 1
     # The same engine in this process (torch loaded) answers the same.
-    int8 = Classifier.from_store(ModelConfig(adapters_dir=adapters_dir, engine="onnx"), "cpu")
     expected = [[p.sentiment, p.topic, p.outcome] for p in int8.predict(texts)]
     assert got["rows"] == expected
     assert expected[-1][2] != "scored"  # the Chinese headline is flagged on this path too
