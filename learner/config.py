@@ -27,13 +27,13 @@ class ModelConfig(BaseModel):
         description="Weights and activations at inference: auto = bfloat16 on CUDA and on CPUs with bf16 "
         "instructions (AMX / AVX512-BF16), float32 elsewhere (env FINPULSE_MODEL__INFERENCE_DTYPE).",
     )
-    # Measured on this 2-core CPU (Zen 4, no AMX): ONNX Runtime int8 1.3x torch bf16's model throughput, accuracy
-    # within 0.1 points on TFNS, 160 MB less memory; torch is the engine of CUDA and of bf16.
+    # Measured on a 2-core Zen 4 (no AMX): ONNX Runtime int8 1.3x torch bf16's model throughput, accuracy within 0.1
+    # points on TFNS, 160 MB less memory. On a 2-core Xeon with AMX, torch bf16 is 1.4-1.7x int8's model throughput.
     engine: Literal["auto", "torch", "onnx"] = Field(
         "auto",
         description="Inference engine: torch (CPU/CUDA, bf16 where the hardware has it), onnx (ONNX Runtime on the "
-        "CPU, int8; float32 with inference_dtype = float32), or auto = torch on a GPU or with inference_dtype = "
-        "bfloat16, onnx otherwise (env FINPULSE_MODEL__ENGINE).",
+        "CPU, int8; float32 with inference_dtype = float32), or auto = torch on a GPU, on a CPU with AMX or with "
+        "inference_dtype = bfloat16, onnx otherwise (env FINPULSE_MODEL__ENGINE).",
     )
     # The adapters are trained on 64 tokens; financial tweets average 28 (TFNS) to 52 (stock-market tweets).
     # Measured on the CPU: 64 scores ~1.3x faster than 128 on the stock-market tweets.

@@ -217,7 +217,7 @@ class ScorerConfig(BaseModel):
         ge=0,
         le=16384,
         description="Texts per forward pass inside a consumed batch; 0 = auto: 32 on CPU (measured fastest: "
-        "less padding, cache-sized activations), 512 on CUDA (the GPU needs width to be busy).",
+        "less padding, cache-sized activations), 64 for torch on AMX, 512 on CUDA (the GPU needs width to be busy).",
     )
     # Per-ticker series are opt-in: one label value per ticker ever seen would grow without bound.
     watchlist: tuple[str, ...] = Field(

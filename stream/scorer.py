@@ -19,7 +19,7 @@ from kafka.structs import OffsetAndMetadata
 from learner.adapters import AdapterStore
 from learner.config import ModelConfig
 from learner.domains import DomainTable
-from learner.model import Classifier, Prediction, ServedModel
+from learner.model import Classifier, Prediction, ServedModel, auto_inference_batch
 from learner.tasks import SENTIMENT, TOPIC, Task
 from monitor.metrics import ScorerMetrics
 from storage import History
@@ -155,7 +155,9 @@ class Scorer:
         # The throughput series the sentiment-spike rules read are topic x sentiment (monitor.rules).
         metrics.declare(models[TOPIC.name].labels, models[SENTIMENT.name].labels, config.watchlist)
         metrics.declare_stages([sink.name for sink in self.sinks] + ["dedupe", "model", "dlq", "commit"])
-        self.inference_batch = config.inference_batch or (512 if str(classifier.device).startswith("cuda") else 32)
+        self.inference_batch = config.inference_batch or auto_inference_batch(
+            classifier.trunk.engine, str(classifier.device)
+        )
         self.lag = LagMonitor(
             bootstrap_servers, config.group_id, self.consumer.assignment, metrics, config.lag_interval_s
         )

@@ -16,7 +16,7 @@ from learner.datasets import tfns_sentiment
 from learner.encoder import load_classifier_base, load_tokenizer
 from learner.errors import ModelLoadError
 from learner.labels import SENTIMENTS, TASKS, TOPICS
-from learner.model import Classifier, engine_name, module_dtype
+from learner.model import Classifier, auto_inference_batch, cpu_has_amx, engine_name, module_dtype
 from learner.torch_engine import TaskModel, Trunk, resolve_device
 from learner.training import train_adapter
 
@@ -299,16 +299,23 @@ def test_onnx_domain_models_route_like_torch(
     [
         ({"engine": "torch"}, "cpu", "torch"),
         ({"engine": "onnx"}, "auto", "onnx"),
-        ({}, "cpu", "onnx"),
+        ({}, "cpu", "torch" if cpu_has_amx() else "onnx"),
+        ({"inference_dtype": "float32"}, "cpu", "onnx"),
         ({"inference_dtype": "bfloat16"}, "cpu", "torch"),
         ({}, "cuda", "torch"),
-        ({}, "auto", "torch" if Path("/dev/nvidiactl").exists() else "onnx"),
+        ({}, "auto", "torch" if Path("/dev/nvidiactl").exists() or cpu_has_amx() else "onnx"),
     ],
 )
-def test_engine_auto_is_onnx_on_the_cpu_and_torch_on_a_gpu(
+def test_engine_auto_is_onnx_on_the_cpu_and_torch_on_a_gpu_or_amx(
     settings: dict[str, str], device: str, expected: str
 ) -> None:
     assert engine_name(ModelConfig(**settings), device) == expected  # type: ignore[arg-type]
+
+
+def test_auto_inference_batch_is_wider_where_the_hardware_wants_it() -> None:
+    assert auto_inference_batch("onnx", "cpu") == 32
+    assert auto_inference_batch("torch", "cuda:0") == 512
+    assert auto_inference_batch("torch", "cpu") == (64 if cpu_has_amx() else 32)
 
 
 @pytest.mark.parametrize(
