@@ -74,6 +74,9 @@ class DemoSummary:
     # and by the domain's new champion (after, as scored live); None when the demo did not learn.
     sentiment_accuracy_before: float | None
     sentiment_accuracy_after: float | None
+    # Expected calibration error (15 bins) of the same two, from the calibrated probabilities: the rows' for after.
+    sentiment_ece_before: float | None
+    sentiment_ece_after: float | None
     promoted: bool
     learning: dict[str, Any] | None
     duckdb_path: str
@@ -83,6 +86,10 @@ class DemoSummary:
     alerts: dict[str, Any] | None
     # Every alert the dispatcher received firing during the run, whoever it was routed to.
     fired: list[dict[str, Any]]
+
+
+# The stored sentiment probabilities, in SENTIMENTS order.
+_PROBABILITIES = tuple(f"sentiment_{label}" for label in SENTIMENTS)
 
 
 def demo_topics(run_id: str) -> TopicNames:
@@ -246,11 +253,13 @@ def run_demo(
 
     history = History(config.storage)
     history.ensure_schema()  # the state file too, for `finpulse query` on alerts after a run without alerts
-    predicted: dict[str, str] = {str(i): str(s) for i, s in history.query("SELECT id, sentiment FROM news").rows}
+    stored = history.query(f"SELECT id, sentiment, {', '.join(_PROBABILITIES)} FROM news").rows
+    predicted: dict[str, str] = {str(row[0]): str(row[1]) for row in stored}
+    probabilities = {str(row[0]): [float(str(p)) for p in row[2:]] for row in stored}
     gold_ids = [i for i in labels if i in predicted]
     gold = [labels[i] for i in gold_ids]
     guess = [str(predicted[i]) for i in gold_ids]
-    before = after = None
+    before = after = ece_before = ece_after = None
     if learning is not None:
         judged = [li for li in later if li.sentiment is not None and li.item.id in predicted]
         truth = [str(li.sentiment) for li in judged]
@@ -259,6 +268,8 @@ def run_demo(
         default = scorer.classifier.predict([li.item.text for li in judged])
         before = round(accuracy(truth, [p.sentiment for p in default]), 4)
         after = round(accuracy(truth, [str(predicted[li.item.id]) for li in judged]), 4)
+        ece_before = calibration_error([[p.sentiment_scores[s] for s in SENTIMENTS] for p in default], truth)
+        ece_after = calibration_error([probabilities[li.item.id] for li in judged], truth)
     delete_topics(cluster.connection, [t.raw, t.scored, t.dlq, t.labels, t.updates])
     fired = [
         {"alertname": str(name), "about": str(about), "severity": str(severity), "notifications": int(str(n))}
@@ -285,6 +296,8 @@ def run_demo(
         versions=scorer.classifier.versions,
         sentiment_accuracy_before=before,
         sentiment_accuracy_after=after,
+        sentiment_ece_before=ece_before,
+        sentiment_ece_after=ece_after,
         promoted=learning.promoted if learning is not None else False,
         learning=(
             {**asdict(learning), "later_labelled": len(later), "extra_s": round(learn_s, 1)}
@@ -484,8 +497,21 @@ def _learning_line(summary: DemoSummary) -> str:
     return (
         f"{learning['labels_sent']} labels → {learning['version']} promoted for domain {learning['domain']} "
         f"(+{learning['extra_s']:.0f} s); accuracy on the {learning['later_labelled']} later tweets "
-        f"{summary.sentiment_accuracy_before:.3f} → {summary.sentiment_accuracy_after:.3f}"
+        f"{summary.sentiment_accuracy_before:.3f} → {summary.sentiment_accuracy_after:.3f}, "
+        f"calibration error {summary.sentiment_ece_before:.3f} → {summary.sentiment_ece_after:.3f}"
     )
+
+
+def calibration_error(probabilities: list[list[float]], truth: list[str]) -> float | None:
+    """Return the expected calibration error (15 bins) of sentiment probabilities (in SENTIMENTS order)."""
+    if not truth:
+        return None
+    import torch
+
+    from learner.calibration import expected_calibration_error
+
+    targets = torch.tensor([SENTIMENTS.index(label) for label in truth])
+    return round(expected_calibration_error(torch.tensor(probabilities), targets), 4)
 
 
 def _alert_line(alerts: dict[str, Any] | None) -> str:

@@ -146,6 +146,10 @@ def test_demo_json_summary(
     assert learning["labels_sent"] == 36 and learning["later_labelled"] == 24
     assert (learning["promoted"], learning["reason"], summary["promoted"]) == (False, "no experience formed", False)
     assert 0 <= summary["sentiment_accuracy_before"] <= 1 and 0 <= summary["sentiment_accuracy_after"] <= 1
+    # Nothing was promoted, so the rows' stored probabilities are the default champion's: the same calibration
+    # error as its predictions now (a column read in the wrong order would move it far).
+    assert 0 <= summary["sentiment_ece_before"] <= 1
+    assert summary["sentiment_ece_after"] == pytest.approx(summary["sentiment_ece_before"], abs=0.02)
     assert Path(summary["duckdb_path"]).is_file()
     assert History(StorageConfig(duckdb_path=Path(summary["duckdb_path"]))).count() == 60 + selloff
 
