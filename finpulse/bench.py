@@ -29,7 +29,15 @@ from finpulse.replay import ReplayProducer, labelled_stream, news_messages
 from finpulse.runtime import connect
 from learner.adapters import AdapterStore
 from learner.encoder import load_tokenizer
-from learner.model import Answer, Classifier, Prediction, compute_threads, module_dtype, set_compute_threads
+from learner.model import (
+    Answer,
+    Classifier,
+    Prediction,
+    compute_threads,
+    cpu_description,
+    module_dtype,
+    set_compute_threads,
+)
 from learner.tasks import SENTIMENT, labels_of
 from learner.torch_engine import load_merged
 from monitor.metrics import ScorerMetrics
@@ -244,6 +252,8 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         "batches": stats.batches,
         "max_batch": config.scorer.max_batch,
         "host": platform.node(),
+        # Engines and rates differ by CPU (AMX makes torch bf16 the faster engine): say which one this was.
+        "cpu": cpu_description(),
         "torch": torch.__version__,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

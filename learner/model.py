@@ -99,12 +99,22 @@ class Prediction:
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def _cpu_info() -> str:
     try:
-        info = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+        return Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
-        return frozenset()  # not Linux: no flags, so float32 and the onnx engine, which are correct everywhere
-    return frozenset(word for line in info.splitlines() if line.startswith("flags") for word in line.split())
+        return ""  # not Linux: no flags, so float32 and the onnx engine, which are correct everywhere
+
+
+def _cpu_flags() -> frozenset[str]:
+    return frozenset(word for line in _cpu_info().splitlines() if line.startswith("flags") for word in line.split())
+
+
+def cpu_description() -> dict[str, Any]:
+    """Return the CPU's model name and the matrix instructions the engines choose by, for benchmark reports."""
+    names = [line.split(":", 1)[1].strip() for line in _cpu_info().splitlines() if line.startswith("model name")]
+    wanted = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {"model": names[0] if names else "unknown", "features": [f for f in wanted if f in _cpu_flags()]}
 
 
 def cpu_has_bf16() -> bool:

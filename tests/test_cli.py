@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from finpulse.cli import main
+from learner.model import cpu_has_amx
 from storage import History, NewsRow, StorageConfig
 
 
@@ -183,6 +184,9 @@ def test_bench_score_reports_both_contenders(
     assert result["device"] == "cpu" and result["baseline_per_s"] > 0 and result["finpulse_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["finpulse_per_s"] / result["baseline_per_s"], rel=0.02)
     assert result["batches"] >= 1 and result["model_ceiling_per_s"] > 0
+    # The CPU it ran on, read from /proc/cpuinfo: its AMX flag is the one engine auto chose by.
+    assert result["cpu"]["model"] != "unknown"
+    assert ("amx_bf16" in result["cpu"]["features"]) == cpu_has_amx()
 
 
 def test_subscription_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
