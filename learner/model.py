@@ -106,6 +106,7 @@ def _cpu_info() -> str:
         return ""  # not Linux: no flags, so float32 and the onnx engine, which are correct everywhere
 
 
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     return frozenset(word for line in _cpu_info().splitlines() if line.startswith("flags") for word in line.split())
 
@@ -280,7 +281,7 @@ def engine_name(config: ModelConfig, device_spec: str = "auto") -> str:
     if device_spec == "auto" and Path("/dev/nvidiactl").exists():
         return "torch"
     # AMX runs torch's bf16 faster than ONNX Runtime's int8 (measured on a 2-core Xeon with AMX: model alone
-    # 532-643 vs 378-388 msg/s, end to end 398-402 vs 305-316); without AMX (Zen 4) int8 is 1.3x torch bf16.
+    # 532-643 vs 378-388 msg/s, end to end 378-387 vs 312-327); without AMX (Zen 4) int8 is 1.3x torch bf16.
     if config.inference_dtype == "auto" and cpu_has_amx() and _torch_installed():
         return "torch"
     from learner.onnx_engine import onnx_available
