@@ -310,7 +310,9 @@ class Learner:
         )
         self.metrics.train_seconds.labels(task=task).observe(candidate.train_s)
         self.metrics.holdout.labels(task=task).set(candidate.new.candidate)
-        decision: Decision = decide(candidate.new, candidate.earlier, cfg.min_gain, cfg.max_forgetting)
+        decision: Decision = candidate.decision or decide(
+            candidate.new, candidate.earlier, cfg.min_gain, cfg.max_forgetting
+        )
         metrics = {**candidate.metrics, "gate": decision.reason}
         self.registry.add_candidate(task, candidate.version, champion, experience, metrics)
         if decision.promote:

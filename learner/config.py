@@ -1,5 +1,6 @@
 """Typed configuration of the model: base encoder, adapters, inference and training settings."""
 
+import itertools
 from pathlib import Path
 from typing import Literal
 
@@ -122,6 +123,16 @@ class ContinualConfig(BaseModel):
     max_forgetting: float = Field(
         0.01, ge=0, lt=1, description="Held-out accuracy it may lose on any earlier experience (1 point)."
     )
+    # Measured on the gate's slices of `bench cl --from-champion` (learner.blend), SEntFiN / stock tweets from the
+    # champion: trained, +6.0 / +13.9 points on the new slice and -3.5 / -4.7 on TFNS; blended to 0.5,
+    # +6.5 / +9.8 and -0.6 / -2.0; to 0.375, +6.0 / +10.4 and -0.1 / -0.9; to 0.25, +3.5 / +5.8 and 0.0 / -0.2;
+    # to 0.125, +2.0 / +2.3 and +0.4 / +0.1. Steps of an eighth: finer ones mostly re-test the same trade.
+    blend_weights: tuple[float, ...] = Field(
+        (0.5, 0.375, 0.25, 0.125),
+        description="When a candidate is better on its experience but forgets an earlier one, try its weights "
+        "moved back towards the champion's by these fractions of the trained step, in this order (falling, "
+        "each in (0, 1); empty = never).",
+    )
     poll_s: float = Field(1.0, gt=0, le=60, description="How long one poll of news.labels waits.")
     # A minute: a locked file or a broker away is usually back by then, and a task failing for good costs a
     # log line per try, not a hot loop. The learner doubles it at each failure in a row, up to an hour.
@@ -132,3 +143,12 @@ class ContinualConfig(BaseModel):
         description="After a task's training step fails, wait this long before trying it again (doubles with "
         "each failure in a row, up to an hour).",
     )
+
+    @field_validator("blend_weights")
+    @classmethod
+    def _falling_fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < w < 1 for w in value):
+            raise ValueError("each blend weight must be between 0 and 1 (exclusive), e.g. [0.5, 0.25]")
+        if any(a <= b for a, b in itertools.pairwise(value)):
+            raise ValueError("blend weights are tried in order and must fall, e.g. [0.5, 0.25]")
+        return value

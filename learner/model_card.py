@@ -216,12 +216,26 @@ def _training_data(card: Mapping[str, Any]) -> str:
             f"texts trained, {data.get('n_holdout', '?')} held out to judge it. A class-balanced replay memory of "
             f"earlier examples was trained alongside, so what `{card.get('parent')}` knew is kept. The labels come "
             "from the people running finpulse; their terms are the operator's.\n\n"
-            f"The lineage starts from a version trained on {source}"
+            f"{_blend(card)}The lineage starts from a version trained on {source}"
         )
     else:
         splits = "\n".join(f"- {key}: {value}" for key, value in sorted(data.items())) or "- not recorded"
         used = f"{splits}\n\nSource: {source}"
     return f"## Training data\n\n{used}\n\n### Training hyperparameters\n\n{_hyperparameters(card)}"
+
+
+def _blend(card: Mapping[str, Any]) -> str:
+    blend = (card.get("metrics") or {}).get("blend") or {}
+    weight = _number(blend.get("weight"))
+    if weight is None or weight >= 1.0:
+        return ""
+    tried = blend.get("tried") or [{}]
+    why = str(tried[0].get("reason", "it forgot an earlier experience"))
+    return (
+        f"As trained it was rejected ({why}); its trainable weights were then blended back towards "
+        f"`{card.get('parent')}`'s, parent + {_value(weight)} x (trained - parent), which keeps the earlier "
+        "experiences within the gate's allowance (learner.blend).\n\n"
+    )
 
 
 def _hyperparameters(card: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from learner.adapters import CARD_FILE, AdapterStore, ModelCard, now_utc
+from learner.blend import WeightBlend, search
 from learner.calibration import calibration_report, fit_temperature
 from learner.config import ContinualConfig, ModelConfig
 from learner.continual import (
@@ -40,7 +41,7 @@ from learner.continual import (
 from learner.domains import DEFAULT_DOMAIN
 from learner.encoder import load_classifier_base, load_tokenizer
 from learner.errors import LearnerError, ModelLoadError
-from learner.gate import SliceScore
+from learner.gate import Decision, SliceScore, decide
 from learner.labels import Task, labels_of
 from learner.training import PACKAGED_BASE, bank_logits, save_adapter
 
@@ -75,6 +76,8 @@ class Candidate:
     steps: int
     out_of_time: bool
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The gate's decision on what was saved (with blending, the search's); None: decide on `new` and `earlier`.
+    decision: Decision | None = None
 
 
 def read_memory(path: Path) -> Pairs:
@@ -143,12 +146,41 @@ def train_candidate(
             # The first continual step: what the champion knows is measured on the memory it was seeded with.
             strategy.ewc.consolidate(model, memory_data, model.classifier_device(), config.batch_size)
 
+    start = WeightBlend.snapshot(model.trainable())  # the champion's values, for blending back
+    ewc_before = strategy.ewc.state() if strategy.ewc is not None else None
     started = time.perf_counter()
     train_data = tensor_dataset(train_idx, label_ids(task, [y for _, y in new.train]))
     strategy.template.train(experience_of(train_data, new.id), eval_streams=[])
     train_s = time.perf_counter() - started
-    after = [predict(model, idx) for _, idx, y in holdouts]
-    scores = [paired_score(s.id, y, b, a) for (s, _, y), b, a in zip(holdouts, before, after, strict=True)]
+
+    blend = WeightBlend(start, model.trainable())
+    scored: dict[float, list[SliceScore]] = {}
+
+    def judge(weight: float) -> Decision:
+        blend.apply(weight)
+        after = [predict(model, idx) for _, idx, y in holdouts]
+        scored[weight] = [paired_score(s.id, y, b, a) for (s, _, y), b, a in zip(holdouts, before, after, strict=True)]
+        new_score, earlier_scores = scored[weight][-1], scored[weight][:-1]
+        return decide(new_score, earlier_scores, config.min_gain, config.max_forgetting, prove_kept=weight < 1.0)
+
+    # Only forgetting of an earlier slice makes a blend worth trying; without earlier slices there is none.
+    weight, tries = search(config.blend_weights if earlier else (), judge)
+    blend.apply(weight)
+    scores = scored[weight]
+    decision = tries[0].decision
+    if weight < 1.0:
+        decision = Decision(
+            True, f"{tries[-1].decision.reason}; its weights blended back to {weight:g} of the trained step, "
+            f"which {decision.reason}", better=True,
+        )  # fmt: skip
+        log.info(
+            "event=blended task=%s experience=%d weight=%s tried=%s",
+            task, new.id, weight, [t.weight for t in tries],
+        )  # fmt: skip
+        if strategy.ewc is not None and ewc_before is not None:
+            # The importances and anchors describe the weights this version keeps: measured again on the blend.
+            strategy.ewc.load(ewc_before, model.classifier_device())
+            strategy.ewc.consolidate(model, train_data, model.classifier_device(), config.batch_size)
     # Calibration of the candidate on every held-out slice (never trained on); it changes no prediction.
     held_idx = torch.cat([idx for _, idx, _ in holdouts])
     held_y = torch.tensor([t for _, _, y in holdouts for t in y])
@@ -177,6 +209,10 @@ def train_candidate(
             "holdout": calibration_report(logits, held_y, temperature),
         },
         "continued_from_parent_memory": inherit,
+        "blend": {
+            "weight": weight,
+            "tried": [{"weight": t.weight, "promote": t.decision.promote, "reason": t.decision.reason} for t in tries],
+        },
     }
     card = ModelCard(
         version=version,
@@ -203,6 +239,7 @@ def train_candidate(
         steps=bar.steps,
         out_of_time=bar.out_of_time,
         metrics=metrics,
+        decision=decision,
     )
 
 

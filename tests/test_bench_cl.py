@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from finpulse.cli import main
+from learner.config import ContinualConfig
 
 # ~4 minutes alone on 2 cores; the suite-wide 600 s limit is too tight when the machine is shared.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -75,4 +76,12 @@ def test_from_champion_learns_each_domain_and_the_scoped_one_leaves_tfns_alone(
     assert shared["version"] == (promoted[-1] if promoted else "sentiment-v1")
     if not promoted:
         assert shared["tfns_change"] == 0.0 and set(shared["gain"].values()) == {0.0}
+    # A candidate that forgets is blended back in the configured order, and only while it stays better.
+    for c in shared["candidates"].values():
+        tried = c["blend"]["tried"]
+        assert [t["weight"] for t in tried] == [1.0, *ContinualConfig().blend_weights][: len(tried)]
+        assert tried[0]["promote"] or tried[0]["reason"].startswith(("forgets", "not better"))
+        assert all(not t["promote"] and t["reason"].startswith(("forgets", "cannot show")) for t in tried[:-1])
+        assert c["promote"] == tried[-1]["promote"]
+        assert c["blend"]["weight"] == (tried[-1]["weight"] if c["promote"] else 1.0)
     assert json.loads(out.read_text(encoding="utf-8"))["champion"] == "sentiment-v1"

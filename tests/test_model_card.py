@@ -123,6 +123,17 @@ def test_card_without_metrics_or_hub_base_still_renders() -> None:
     assert "No held-out accuracy is recorded" in text
 
 
+def test_a_blended_versions_card_says_how_far_it_was_blended_back_and_why() -> None:
+    card = _continual_card()
+    reason = "forgets experience 0: 0.799 vs champion 0.846 (-4.7 pts ± 1.0; at most -1.0 pts beyond the noise allowed)"
+    tried = [{"weight": 1.0, "promote": False, "reason": reason}, {"weight": 0.25, "promote": True, "reason": "ok"}]
+    card["metrics"] = {**card["metrics"], "blend": {"weight": 0.25, "tried": tried}}
+    text = render(card)
+    assert "parent + 0.25 x (trained - parent)" in text and reason in text and "`topic-v3`'s" in text
+    trained = {**card, "metrics": {**card["metrics"], "blend": {"weight": 1.0, "tried": tried[:1]}}}
+    assert "blended back" not in render(trained) and "blended back" not in render(_continual_card())
+
+
 def test_an_unknown_task_is_refused_with_the_field() -> None:
     with pytest.raises(ValueError, match="fix the card's `task` field"):
         render({**_shipped_card("sentiment"), "task": "emotion"})
