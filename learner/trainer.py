@@ -170,8 +170,8 @@ def train_candidate(
     decision = tries[0].decision
     if weight < 1.0:
         decision = Decision(
-            True, f"{tries[-1].decision.reason}; its weights blended back to {weight:g} of the trained step, "
-            f"which {decision.reason}", better=True,
+            True, f"{tries[-1].decision.reason}; blended back to {weight:g} of the trained step, as trained it "
+            f"{decision.reason}", better=True,
         )  # fmt: skip
         log.info(
             "event=blended task=%s experience=%d weight=%s tried=%s",
