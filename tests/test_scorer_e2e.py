@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -217,11 +217,12 @@ def _scorer_process(
     log: Path,
     adapters: Path,
     lake_env: dict[str, str] | None = None,
+    launcher: Sequence[str] = ("-m", "finpulse.cli"),
+    extra: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     args = [
         sys.executable,
-        "-m",
-        "finpulse.cli",
+        *launcher,
         "score",
         "--bootstrap-servers",
         bootstrap,
@@ -245,6 +246,7 @@ def _scorer_process(
         "scorer.max_batch=16",
         "--set",
         "scorer.max_wait_ms=50",
+        *extra,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(lake_env or {})}
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -328,6 +330,51 @@ def _analyst_holding(history: History) -> subprocess.Popen[str]:
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip().isdigit()
     return holder
+
+
+# `finpulse score` with what the onnx engine does not need made absent, as in an image that never installed them:
+# importing any of them fails as a missing package does.
+WITHOUT_TORCH = (
+    "import sys\n"
+    "for name in ('torch', 'torchvision', 'transformers', 'peft', 'avalanche', 'matplotlib'):\n"
+    "    sys.modules[name] = None\n"
+    "from finpulse.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_an_onnx_scorer_scores_the_stream_without_torch_transformers_peft_or_avalanche(
+    kafka_bootstrap: str,
+    topics: TopicNames,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+    adapters_dir: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    items = labelled_stream(120)
+    group, db, log = f"g-{uuid.uuid4().hex[:8]}", tmp_path / "h.duckdb", tmp_path / "slim.log"
+    lake, lake_env = _lake("sqlite", tmp_path, request)
+    history = History(StorageConfig(duckdb_path=db, lock_timeout_s=60, lake=lake))
+    history.ensure_schema()
+    scorer = _scorer_process(
+        kafka_bootstrap, topics, group, db, log, adapters_dir, lake_env,
+        launcher=("-c", WITHOUT_TORCH), extra=("--set", "model.engine=onnx"),
+    )  # fmt: skip
+    processes.append(scorer)
+    produce(kafka_bootstrap, topics.raw, news_messages(items))
+
+    def all_committed() -> bool:
+        assert scorer.poll() is None, log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        return committed_equals_end(kafka_bootstrap, topics.raw, group)
+
+    _wait(all_committed, 300, "the torch-free scorer to commit the whole stream")
+    rows = history.fetch([li.item.id for li in items])
+    assert len(rows) == len(items) and not read_all(kafka_bootstrap, topics.dlq)
+    champion = (adapters_dir / "sentiment" / "CHAMPION").read_text(encoding="utf-8").strip()
+    assert {r.sentiment_version for r in rows} == {champion}
+    # It scored, rather than wrote placeholders: most of the labelled tweets' sentiments agree with their labels.
+    gold = {li.item.id: li.sentiment for li in items}
+    assert sum(r.sentiment == gold[r.id] for r in rows) / len(rows) > 0.4
 
 
 @pytest.mark.slow
