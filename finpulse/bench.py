@@ -179,7 +179,7 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         raise producer.error
 
     console.print(f"bench: {len(items)} messages on {raw}; loading the model…")
-    set_compute_threads(config.scorer.threads)
+    set_compute_threads(config.scorer.threads, config.scorer.parallel)
     classifier = Classifier.from_store(config.model, config.scorer.device)
     _warm_up(classifier, [li.item.text for li in items[:64]])
     results: list[RunResult] = []
@@ -246,6 +246,8 @@ def run_bench(config: AppConfig, messages: int, workdir: Path, console: Console)
         "dtype": module_dtype(classifier.models[SENTIMENT.name]),
         "baseline_dtype": "float32",
         "threads": compute_threads(),
+        # Sub-batches run side by side, one compute thread each (1: each operator split across the threads).
+        "workers": classifier.workers,
         "inference_batch": scorer_batch,
         # With a backlog the scorer takes max_batch records at a time: the last batch's sinks overlap nothing, so a
         # run of few batches reads lower against the ceiling than a long stream would.

@@ -92,7 +92,7 @@ def build_scorer(
     config: AppConfig, cluster: Cluster, serve_metrics: bool = True
 ) -> tuple[Scorer, MetricsServer | None]:
     """Load the champion adapters and build a scorer (and its /metrics server)."""
-    set_compute_threads(config.scorer.threads)
+    set_compute_threads(config.scorer.threads, config.scorer.parallel)
     classifier = Classifier.from_store(config.model, config.scorer.device)
     metrics = ScorerMetrics(rules=config.alerts)
     server = MetricsServer(metrics.registry, config.metrics) if serve_metrics else None

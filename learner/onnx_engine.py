@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +31,9 @@ from learner.errors import ModelLoadError
 from learner.model import (
     _PEFT_PREFIX,
     _plain_lora,
-    compute_threads,
     first_adapted_layer,
     lora_scaling,
+    operator_threads,
     read_temperature,
 )
 from learner.tasks import Task, labels_of
@@ -311,8 +313,9 @@ class OnnxTrunk:
         self.model_file = model_dir / "model.safetensors"
         self.precision = precision
         self.device = "cpu"
-        # The threads set for the process (set_compute_threads) are the engine's too.
-        self.threads = compute_threads()
+        # The threads one operator may use: those set for the process (set_compute_threads), or one each when
+        # the classifier runs sub-batches side by side (learner.model.batch_workers).
+        self.threads = operator_threads("cpu", self.engine)
         self.num_layers = self.shape.num_hidden_layers
         self.layer_names = [
             sorted(
@@ -325,6 +328,7 @@ class OnnxTrunk:
             for i in range(self.num_layers)
         ]
         self._sessions: dict[int, Any] = {}
+        self._building = threading.Lock()  # workers may ask for the same depth at once: build it once
 
     def base_layers(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Return the base file's weights of encoder layers `start` .. `stop - 1` (keys `encoder.layer.<i>.…`)."""
@@ -332,6 +336,10 @@ class OnnxTrunk:
         return _read_base(self.model_file, names)
 
     def _session(self, depth: int) -> Any:
+        with self._building:
+            return self._built(depth)
+
+    def _built(self, depth: int) -> Any:
         if depth not in self._sessions:
             from onnx import TensorProto, helper
 
@@ -387,6 +395,11 @@ class OnnxTrunk:
     def load_task(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> OnnxTaskModel:
         """Load an adapter version as this engine's top graph."""
         return OnnxTaskModel.load(store, task, version, self)
+
+    def start_workers(self, count: int) -> Executor:
+        """Start `count` threads that run whole sub-batches side by side (ONNX Runtime sessions take concurrent
+        runs; with several workers each session computes on one thread)."""
+        return ThreadPoolExecutor(count, thread_name_prefix="finpulse-model")
 
 
 def merged_lora_top(adapter_dir: Path, start: int, trunk: OnnxTrunk) -> dict[str, np.ndarray]:

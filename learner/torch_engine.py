@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -185,6 +187,29 @@ class Trunk(nn.Module):
     def load_task(self, store: AdapterStore, task: Task, version: str, config: ModelConfig) -> TaskModel:
         """Load an adapter version as this engine's top."""
         return TaskModel.load(store, task, version, config, self)
+
+    def start_workers(self, count: int) -> Executor:
+        """Start `count` threads that run whole sub-batches side by side, each computing on one thread.
+
+        torch's thread count is per thread once a thread has computed (OpenMP's and MKL's settings are), and a
+        new thread starts from the process-wide one. So each worker sets one and computes at once, all of them
+        before the process-wide count is put back: the scorer's other threads, and training in the same process,
+        keep every compute thread.
+        """
+        pool = ThreadPoolExecutor(count, thread_name_prefix="finpulse-model")
+        threads = torch.get_num_threads()
+        # Every worker holds the barrier until all have started: the pool then has `count` threads, each set.
+        ready = threading.Barrier(count)
+
+        def one_thread() -> None:
+            torch.set_num_threads(1)
+            torch.get_num_threads()  # settles this thread's setting now, while the process-wide one is 1
+            ready.wait(timeout=60)
+
+        for started in [pool.submit(one_thread) for _ in range(count)]:
+            started.result()
+        torch.set_num_threads(threads)
+        return pool
 
 
 class TaskModel:

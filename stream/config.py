@@ -212,6 +212,15 @@ class ScorerConfig(BaseModel):
         description="Compute threads of the model in this scorer; 0 = auto: the CPU cores this process may use "
         "(env FINPULSE_SCORER__THREADS; with N scorers on one host, cores / N).",
     )
+    # learner.model.batch_workers gives the measurements behind auto.
+    parallel: Literal["auto", "batches", "operators"] = Field(
+        "auto",
+        description="How the compute threads share a batch: batches (whole sub-batches side by side, one thread "
+        "each: none waits for another when Kafka and storage threads take a core), operators (one sub-batch at a "
+        "time, each operator split across the threads); auto = batches for torch on a CPU, operators for onnx "
+        "and on CUDA "
+        "(env FINPULSE_SCORER__PARALLEL).",
+    )
     inference_batch: int = Field(
         0,
         ge=0,

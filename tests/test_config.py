@@ -40,6 +40,7 @@ def test_config_file_named_by_env(tmp_path: Path) -> None:
         ({"FINPULSE_SCORER__MAX_BATCH": "many"}, "scorer.max_batch"),
         ({"FINPULSE_KAFKA__BOOTSTRAP_SERVERS": "localhost"}, "kafka.bootstrap_servers"),
         ({"FINPULSE_SCORER__DEVICE": "tpu"}, "scorer.device"),
+        ({"FINPULSE_SCORER__PARALLEL": "threads"}, "scorer.parallel"),
         ({"FINPULSE_SCORER__BATCHSIZE": "3"}, "scorer.batchsize"),
         ({"FINPULSE_METRICS__PORT": "70000"}, "metrics.port"),
     ],

@@ -170,7 +170,7 @@ def _swapper(
 ) -> tuple[ModelSwapper, AdapterStore, FakeLoader, FakeListener, CollectorRegistry]:
     store = _store(tmp_path, {"sentiment": ["sentiment-v1", "sentiment-v2", "sentiment-v3"], "topic": ["topic-v1"]})
     models = {task: _fake_model(task, store.champion(task)) for task in TASKS}
-    trunk = cast(Any, SimpleNamespace(device=torch.device("cpu")))
+    trunk = cast(Any, SimpleNamespace(device=torch.device("cpu"), engine="torch"))
     classifier = Classifier(cast(Any, None), trunk, models, 64)
     loader, listener, registry = FakeLoader(set(broken)), FakeListener(), CollectorRegistry()
     swapper = ModelSwapper(classifier, store, loader, cast(UpdateListener, listener), SwapMetrics(registry), check_s)

@@ -16,7 +16,16 @@ from learner.datasets import tfns_sentiment
 from learner.encoder import load_classifier_base, load_tokenizer
 from learner.errors import ModelLoadError
 from learner.labels import SENTIMENTS, TASKS, TOPICS
-from learner.model import Classifier, auto_inference_batch, cpu_has_amx, engine_name, module_dtype
+from learner.model import (
+    Classifier,
+    auto_inference_batch,
+    batch_workers,
+    cpu_has_amx,
+    engine_name,
+    module_dtype,
+    operator_threads,
+    set_compute_threads,
+)
 from learner.torch_engine import TaskModel, Trunk, resolve_device
 from learner.training import train_adapter
 
@@ -325,6 +334,53 @@ def test_auto_inference_batch_is_wider_where_the_hardware_wants_it() -> None:
 def test_onnx_engine_refuses_what_it_cannot_run(settings: dict[str, str], device: str, field: str) -> None:
     with pytest.raises(ModelLoadError, match=field):
         Classifier.from_store(ModelConfig(engine="onnx", **settings), device)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_sub_batches_side_by_side_score_what_one_at_a_time_does(engine: str, adapters_dir: Path) -> None:
+    config = ModelConfig(adapters_dir=adapters_dir, engine=engine, inference_dtype="float32")  # type: ignore[arg-type]
+    try:
+        set_compute_threads(2, "operators")
+        one = Classifier.from_store(config, "cpu")
+        set_compute_threads(2, "batches")
+        side = Classifier.from_store(config, "cpu")
+    finally:
+        set_compute_threads()
+    assert (one.workers, side.workers) == (1, 2)
+    texts = [*TEXTS, *(e.text for e in tfns_sentiment("valid")[:65])]
+    encoded = one.encode(texts)
+    # 16: five sub-batches over two workers; 64: fewer texts than two sub-batches, split so that both have a share.
+    for batch in (16, 64):
+        alone, _ = one.probabilities(encoded, batch_size=batch)
+        together, _ = side.probabilities(encoded, batch_size=batch)
+        for task in TASKS:
+            assert np.allclose(alone[task], together[task], atol=1e-5), (task, batch)
+    assert side._pool is not None and one._pool is None  # the split batches did run on the workers
+
+
+@pytest.mark.parametrize(
+    ("mode", "device", "engine", "workers"),
+    [
+        ("auto", "cpu", "torch", 2),
+        ("auto", "cpu", "onnx", 1),
+        ("auto", "cuda:0", "torch", 1),
+        ("batches", "cpu", "onnx", 2),
+        ("batches", "cuda", "torch", 1),
+        ("operators", "cpu", "torch", 1),
+    ],
+)
+def test_parallel_modes_choose_the_workers(mode: str, device: str, engine: str, workers: int) -> None:
+    try:
+        set_compute_threads(2, mode)
+        assert batch_workers(device, engine) == workers
+        assert operator_threads(device, engine) == (1 if workers > 1 else 2)
+    finally:
+        set_compute_threads()
+
+
+def test_an_unknown_parallel_mode_names_the_setting() -> None:
+    with pytest.raises(ValueError, match="scorer.parallel"):
+        set_compute_threads(0, "threads")
 
 
 # Run in a fresh interpreter where torch, transformers and peft cannot be imported: the onnx scorer's whole path
