@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from learner.domains import check_domain
 
+# How the compute threads share a batch (the scorer's `scorer.parallel`; learner.model.batch_workers says what each
+# does and what it measured).
+ParallelMode = Literal["auto", "batches", "operators"]
+
 
 class ModelConfig(BaseModel):
     """Which encoder and adapters the scorers load."""

@@ -26,12 +26,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import numpy as np
 
 from learner.adapters import ADAPTER_CONFIG_FILE, CARD_FILE, AdapterStore
-from learner.config import ModelConfig
+from learner.config import ModelConfig, ParallelMode
 from learner.domains import DEFAULT_DOMAIN
 from learner.encoder import base_model_path
 from learner.errors import ModelLoadError
@@ -143,7 +143,7 @@ def auto_inference_batch(engine: str, device: str) -> int:
 # when they start.
 _threads: dict[str, int] = {}
 _parallel: dict[str, str] = {}
-PARALLEL_MODES = ("auto", "batches", "operators")
+PARALLEL_MODES: tuple[str, ...] = get_args(ParallelMode)
 # Fewest texts a worker is handed when a batch is split so that every worker has a share.
 MIN_SHARE = 8
 

@@ -12,6 +12,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from learner.config import ParallelMode
 from stream.connection import Connection
 from stream.errors import BrokerError
 
@@ -213,13 +214,12 @@ class ScorerConfig(BaseModel):
         "(env FINPULSE_SCORER__THREADS; with N scorers on one host, cores / N).",
     )
     # learner.model.batch_workers gives the measurements behind auto.
-    parallel: Literal["auto", "batches", "operators"] = Field(
+    parallel: ParallelMode = Field(
         "auto",
         description="How the compute threads share a batch: batches (whole sub-batches side by side, one thread "
         "each: none waits for another when Kafka and storage threads take a core), operators (one sub-batch at a "
         "time, each operator split across the threads); auto = batches for torch on a CPU, operators for onnx "
-        "and on CUDA "
-        "(env FINPULSE_SCORER__PARALLEL).",
+        "and on CUDA (env FINPULSE_SCORER__PARALLEL).",
     )
     inference_batch: int = Field(
         0,
