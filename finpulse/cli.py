@@ -92,6 +92,18 @@ def _domain(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _strategies(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of continual-learning strategies, kept in the benchmark's own order."""
+    from learner.benchmark import STRATEGIES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STRATEGIES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(STRATEGIES)}, got {text!r}")
+    # The documented order (baseline first, upper bound last) whatever order they were given in.
+    return tuple(name for name in STRATEGIES if name in names)
+
+
 def key_value(text: str) -> tuple[str, str]:
     """Parse `section.field=value`."""
     key, sep, value = text.partition("=")
@@ -342,6 +354,12 @@ def build_parser() -> Parser:
     bench.add_argument("--rows", type=positive_int, default=5_000_000, help="history: rows to pre-fill (5M)")
     bench.add_argument("--kills", type=positive_int, help="faults: scorer SIGKILLs (default 5, 2 with --quick)")
     bench.add_argument("--seeds", type=positive_int, help="cl: how many seeds (default 3, 1 with --quick)")
+    bench.add_argument(
+        "--strategies",
+        type=_strategies,
+        metavar="NAME[,NAME…]",
+        help="cl: the strategies to run (default all: naive,replay,ewc,replay_ewc,joint)",
+    )
     bench.add_argument(
         "--memory-fraction",
         type=positive_float,
@@ -804,6 +822,10 @@ def _bench_cl(args: argparse.Namespace, config: AppConfig, console: Console) -> 
     from learner import benchmark
 
     if args.from_champion:
+        if args.strategies:
+            # Its two strategies (global replay + EWC, domain-scoped) are what it compares: both always run.
+            sys.stderr.write("finpulse bench: error: --strategies is for bench cl without --from-champion\n")
+            return 2
         return _bench_cl_from_champion(args, config, console)
 
     seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
@@ -815,6 +837,7 @@ def _bench_cl(args: argparse.Namespace, config: AppConfig, console: Console) -> 
         train_config=config.train,
         show_progress=not args.json and sys.stderr.isatty(),
         memory_fraction=args.memory_fraction,
+        strategies=args.strategies or benchmark.STRATEGIES,
     )
     doc = result.to_dict()
     out = args.out or Path("results/bench-cl-quick.json" if args.quick else "results/bench-cl.json")

@@ -1,8 +1,9 @@
 """`finpulse bench cl --quick`: the continual-learning benchmark runs from one command and says something.
 
-The quick variant trains five strategies on 400 examples per experience (~4 minutes on 2 CPU cores). The
-full run (`finpulse bench cl`, three seeds) is the one whose figures are reported; this checks the shape of
-the output and the two facts a benchmark of forgetting has to show to mean anything.
+The quick variant trains on 400 examples per experience (~4 minutes on 2 CPU cores for all five strategies,
+~2 for the three this test compares). The full run (`finpulse bench cl`, three seeds) is the one whose figures
+are reported; this checks the shape of the output and the two facts a benchmark of forgetting has to show to
+mean anything.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from finpulse.cli import main
 from learner.config import ContinualConfig
 
-# ~4 minutes alone on 2 cores; the suite-wide 600 s limit is too tight when the machine is shared.
+# ~2 minutes alone on 2 cores; the suite-wide 600 s limit is too tight when the machine is shared.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
@@ -23,7 +24,10 @@ def test_quick_benchmark_prints_one_json_line_writes_its_files_and_shows_forgett
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "results" / "cl.json"
-    assert main(["bench", "cl", "--quick", "--json", "--out", str(out)]) == 0
+    # The three strategies the assertions compare, given out of order; replay and EWC alone are each half of
+    # replay_ewc and take another ~80 s at --quick, so the test leaves them to the benchmark itself.
+    argv = ["bench", "cl", "--quick", "--json", "--out", str(out), "--strategies", "joint,replay_ewc,naive"]
+    assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     doc = json.loads(lines[0])
@@ -31,7 +35,7 @@ def test_quick_benchmark_prints_one_json_line_writes_its_files_and_shows_forgett
     assert doc["experiences"] == ["tfns", "sentfin", "stock_tweets"]
     assert doc["seeds"] == [1]
     strategies = doc["strategies"]
-    assert list(strategies) == ["naive", "replay", "ewc", "replay_ewc", "joint"]
+    assert list(strategies) == ["naive", "replay_ewc", "joint"]  # the documented order, not the given one
     for name, s in strategies.items():
         for key in ("avg_accuracy", "forgetting", "bwt", "train_s"):
             assert isinstance(s[key], int | float), (name, key)

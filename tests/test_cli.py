@@ -32,6 +32,10 @@ from storage import History, NewsRow, StorageConfig
         (["demo", "--set", "max_batch=3"], "argument --set: expected section.field=value, got 'max_batch=3'"),
         (["kafka", "restart"], "argument action: invalid choice: 'restart'"),
         (["query", "SELECT 1", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+        (
+            ["bench", "cl", "--strategies", "naive,lwf"],
+            "argument --strategies: expected some of naive,replay,ewc,replay_ewc,joint, got 'naive,lwf'",
+        ),
     ],
 )
 def test_bad_arguments_get_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,6 +44,13 @@ def test_bad_arguments_get_one_line(argv: list[str], needle: str, capsys: pytest
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and "--help" in err
+
+
+def test_strategies_are_for_the_benchmark_from_scratch_only(capsys: pytest.CaptureFixture[str]) -> None:
+    # The from-champion run compares its two strategies; it refuses to drop one before training anything.
+    assert main(["bench", "cl", "--from-champion", "--strategies", "naive"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--strategies is for bench cl without --from-champion" in err
 
 
 def test_bad_config_names_the_field(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
